@@ -1,0 +1,101 @@
+"""The Prefect flow `marc`: one task per stage, on Ray, tracked in MLflow. Wiring only.
+
+Deployments (prefect.yaml) run this flow with `stages` set to all stages
+(`full-pipeline`) or to one (`ingest`, ...). Each stage task loads the preset, calls the
+stage's plain `run(...)`, and records its counts and manifest in a nested MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from prefect_ray import RayTaskRunner
+from prefect_ray.context import remote_options
+
+from infra import stack, tracking
+from infra.home import marc_home, sample_data_dir
+from infra.presets import DEFAULT_PRESET, load_preset
+from stages import ingest, sample_data
+from stages.common.workspace import Workspace
+from flows.progress import StageProgress
+
+STAGES: tuple[str, ...] = ("ingest",)
+"""Stages in pipeline order; each has a deployment `marc/<stage>` in prefect.yaml."""
+
+_FORWARDED_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
+
+
+def _ray_task_runner() -> RayTaskRunner:
+    """Connect to the stack's Ray (or MARC_RAY_ADDRESS); Ray workers get the client env vars."""
+    env = {**stack.client_env(), **{k: v for k, v in os.environ.items() if k in _FORWARDED_ENV + ("MARC_RAY_ADDRESS",)}}
+    address = env.get("MARC_RAY_ADDRESS")
+    runtime_env = {"env_vars": {k: env[k] for k in _FORWARDED_ENV if k in env}}
+    return RayTaskRunner(address=address, init_kwargs={"runtime_env": runtime_env, "log_to_driver": True})
+
+
+@task(name="sample-data", retries=1)
+def sample_data_task(preset: str, data_dir: str) -> dict:
+    cfg = load_preset(preset).sample_data
+    progress = StageProgress("sample-data", unit="videos")
+    summary = sample_data.generate(Path(data_dir), videos=cfg.videos, seed=cfg.seed, width=cfg.width,
+                                   height=cfg.height, fps=cfg.fps, test_fraction=cfg.test_fraction,
+                                   progress=progress)
+    return {"videos": summary.videos, "questions": summary.questions, "data_dir": str(summary.out_dir)}
+
+
+@task(name="ingest")
+def ingest_task(preset: str, data_dir: str, home: str, parent_run_id: str) -> dict:
+    config = load_preset(preset)
+    params = {"preset": preset, "data_dir": data_dir, **config.ingest.model_dump()}
+    with tracking.stage_run(parent_run_id, "ingest", params) as run:
+        result = ingest.run(config, Path(data_dir), Workspace(Path(home)), progress=StageProgress("ingest", "videos"))
+        tracking.log_metrics(run.run_id, result.counts)
+        manifest = {"stage": "ingest", "code_version": ingest.CODE_VERSION, "counts": result.counts,
+                    "outputs": {name: str(path) for name, path in result.outputs.items()}}
+        tracking.log_json_artifact(run.run_id, "manifest.json", manifest)
+    get_run_logger().info("ingest: %s", result.counts)
+    return manifest
+
+
+@flow(name="marc", task_runner=_ray_task_runner(), log_prints=True)
+def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: str = DEFAULT_PRESET,
+         force: bool = False) -> dict:
+    """Run the MARC pipeline stages in order.
+
+    Args:
+        stages: stages to run (default: all, in pipeline order).
+        data_dir: a data folder in the Video-R1 format; default: the generated EventQA sample
+            set under MARC_HOME, generated first if missing.
+        preset: a preset name under infra/presets or a YAML path.
+        force: recompute every item instead of reusing unchanged ones.
+    """
+    logger = get_run_logger()
+    selected = [s for s in STAGES if stages is None or s in stages]
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; this pipeline has {list(STAGES)}")
+    config = load_preset(preset)
+    home = str(marc_home())
+    parent = tracking.start_parent_run(
+        str(flow_run.id), str(flow_run.name),
+        {"preset": preset, "stages": ",".join(selected), "data_dir": data_dir or "(sample)", "force": force,
+         "marc_home": home},
+    )
+    logger.info("MLflow parent run %s; stages %s", parent, selected)
+    results: dict[str, dict] = {"mlflow_run_id": parent}
+    ok = False
+    try:
+        with remote_options(num_cpus=config.compute.cpus_per_task, num_gpus=0):
+            if data_dir is None:
+                data_dir = str(sample_data_dir())
+                results["sample-data"] = sample_data_task.submit(preset, data_dir).result()
+            retries = {"retries": config.compute.task_retries, "retry_delay_seconds": 3}
+            if "ingest" in selected:
+                results["ingest"] = ingest_task.with_options(**retries).submit(preset, data_dir, home, parent).result()
+        ok = True
+    finally:
+        tracking.end_run(parent, ok)
+    return results

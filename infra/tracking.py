@@ -1,0 +1,132 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+The tracking server must be reachable when a run starts: we fail fast with a message
+naming the tracking URI instead of buffering, because a pipeline run whose metrics are
+silently lost is worse than one that did not start (see README, Reliability).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+
+EXPERIMENT = "marc"
+
+
+class TrackingUnavailable(RuntimeError):
+    pass
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise TrackingUnavailable("MLFLOW_TRACKING_URI is not set: start the stack with `marc up` or point it at a server")
+    return uri
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
+    uri = uri or tracking_uri()
+    if uri.startswith("http"):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingUnavailable(f"MLflow tracking server at {uri} is not reachable ({exc.__class__.__name__}); "
+                                      "start it with `marc up` or fix MLFLOW_TRACKING_URI") from exc
+    return uri
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=check_reachable())
+
+
+def _experiment_id(client) -> str:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+
+
+def start_parent_run(flow_run_id: str, flow_run_name: str, params: dict[str, Any]) -> str:
+    client = _client()
+    run = client.create_run(
+        _experiment_id(client),
+        run_name=f"marc {flow_run_name}",
+        tags={"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name, "marc.kind": "pipeline"},
+    )
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def start_stage_run(parent_run_id: str, stage: str, params: dict[str, Any]) -> str:
+    client = _client()
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(
+        parent.info.experiment_id,
+        run_name=stage,
+        tags={"mlflow.parentRunId": parent_run_id, "marc.stage": stage, "marc.kind": "stage",
+              "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "")},
+    )
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    client = _client()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value), step=step or 0)
+
+
+def log_json_artifact(run_id: str, name: str, payload: Any) -> None:
+    client = _client()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        client.log_artifact(run_id, str(path))
+
+
+def log_artifact_file(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    _client().log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(run_id: str, ok: bool) -> None:
+    _client().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = _flatten(params)
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), 100):  # the REST API caps a batch at 100 params
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class stage_run:
+    """Context manager for a stage's nested run: FINISHED on success, FAILED on any exception."""
+
+    def __init__(self, parent_run_id: str, stage: str, params: dict[str, Any]):
+        self.parent_run_id, self.stage, self.params = parent_run_id, stage, params
+        self.run_id = ""
+
+    def __enter__(self) -> "stage_run":
+        self.run_id = start_stage_run(self.parent_run_id, self.stage, self.params)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        end_run(self.run_id, ok=exc_type is None)

@@ -1,0 +1,1 @@
+"""Plumbing shared by stages: atomic Arrow files, the state-folder layout, media probing."""
