@@ -58,7 +58,7 @@ def cmd_env(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    env = {**os.environ, **stack.client_env()}
+    env = {**os.environ, **stack.client_env(), "MARC_PROJECT_DIR": str(PROJECT_ROOT)}
     prefect = Path(sys.executable).with_name("prefect")
     proc = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all"], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True)

@@ -1,0 +1,158 @@
+"""End to end through the real local stack: marc up, deployments, a flow run on Ray, MLflow runs, marc down.
+
+Everything a user does from a shell, done from a shell: `marc up`, then
+`prefect deployment run marc/full-pipeline --watch` with the env `marc env` prints,
+then the tables through `marc show` and the MLflow runs through its REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pids: set[int]) -> set[int]:
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, grew = set(pids), True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in found and p not in found}
+        found |= more
+        grew = bool(more)
+    return {p for p in found if Path(f"/proc/{p}").exists()}
+
+
+class Shell:
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def __call__(self, *cmd: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(cmd), env=self.env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{shlex.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+    def client_env(self) -> dict[str, str]:
+        exports = self(str(BIN / "marc"), "env").stdout
+        env = dict(self.env)
+        for line in exports.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+        return env
+
+
+@pytest.fixture(scope="module")
+def stack():
+    home = Path(tempfile.mkdtemp(prefix="mi-", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_RAY_ADDRESS", "PREFECT_HOME")}
+    env.update(MARC_HOME=str(home), MARC_PREFECT_PORT=str(_free_port()), MARC_MLFLOW_PORT=str(_free_port()),
+               MARC_RAY_PORT=str(_free_port()), PATH=f"{BIN}:{env.get('PATH', '')}")
+    shell = Shell(env)
+    up = shell(str(BIN / "marc"), "up", check=False)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield shell, home
+    finally:
+        pids = {json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.pid")}
+        before = _descendants(pids)
+        down = shell(str(BIN / "marc"), "down", check=False)
+        left = {p for p in before if Path(f"/proc/{p}").exists()}
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not left, f"marc down left processes behind: {sorted(left)}"
+
+
+def _mlflow(uri: str, path: str, payload: dict | None = None, params: dict | None = None) -> dict:
+    if payload is not None:
+        response = requests.post(f"{uri}/api/2.0/mlflow/{path}", json=payload, timeout=30)
+    else:
+        response = requests.get(f"{uri}/api/2.0/mlflow/{path}", params=params, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _runs(uri: str) -> list[dict]:
+    exp = _mlflow(uri, "experiments/get-by-name", params={"experiment_name": "marc"})["experiment"]
+    return _mlflow(uri, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000}).get("runs", [])
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_full_pipeline_deployment_through_the_real_stack(stack):
+    shell, home = stack
+    env = shell.client_env()
+    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1:")
+    client = Shell(env)
+
+    # Exactly what a user types, from a plain shell with the stack's env.
+    run = client(str(BIN / "prefect"), "deployment", "run", "marc/full-pipeline", "--watch")
+    assert "Completed" in run.stdout or "COMPLETED" in run.stdout.upper(), run.stdout[-3000:]
+
+    # The sample set was generated under MARC_HOME and ingested.
+    events = [json.loads(l) for l in (home / "sample-data" / "events.jsonl").read_text().splitlines()]
+    videos = [json.loads(l) for l in client(str(BIN / "marc"), "show", "videos", "--format", "jsonl").stdout.splitlines()]
+    assert sorted(v["video_id"] for v in videos) == sorted(e["path"] for e in events)
+    questions = client(str(BIN / "marc"), "show", "questions", "--format", "jsonl", "--where", "split=test").stdout
+    assert questions and all(json.loads(l)["split"] == "test" for l in questions.splitlines())
+
+    # MLflow: one parent run tagged with the flow run, a nested run per stage with counts and manifest.
+    uri = env["MLFLOW_TRACKING_URI"]
+    runs = _runs(uri)
+    parents = [r for r in runs if _tags(r).get("marc.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED"
+    parent_id = parents[0]["info"]["run_id"]
+    assert _tags(parents[0])["prefect.flow_run_id"]
+    children = {_tags(r)["marc.stage"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parent_id}
+    assert "ingest" in children
+    ingest_run = children["ingest"]
+    metrics = {m["key"]: m["value"] for m in ingest_run["data"]["metrics"]}
+    assert metrics["videos"] == len(events) and metrics["rejects"] == 0
+    assert metrics["questions"] == sum(1 for _ in (home / "sample-data" / "questions.jsonl").open())
+    params = {p["key"]: p["value"] for p in ingest_run["data"]["params"]}
+    assert params["preset"] == "cpu-tiny" and "video_extensions" in params
+    artifacts = _mlflow(uri, "artifacts/list", params={"run_id": ingest_run["info"]["run_id"]})
+    assert "manifest.json" in [f["path"] for f in artifacts.get("files", [])]
+
+    # `marc run --stage ingest` triggers the per-stage deployment and exits 0; a bad folder exits non-zero.
+    again = client(str(BIN / "marc"), "run", "--stage", "ingest")
+    assert "completed" in again.stdout
+    assert len([r for r in _runs(uri) if _tags(r).get("marc.kind") == "pipeline"]) == 2
+    broken = client(str(BIN / "marc"), "run", "--stage", "ingest", "--data", str(home / "no-such-folder"), check=False)
+    assert broken.returncode != 0 and "FAILED" in broken.stdout
+
+
+def test_up_is_idempotent_and_status_reports(stack):
+    shell, home = stack
+    pids = {p.name: p.read_text() for p in (home / "run").glob("*.pid")}
+    again = shell(str(BIN / "marc"), "up", "--no-deploy")
+    assert {p.name: p.read_text() for p in (home / "run").glob("*.pid")} == pids
+    status = shell(str(BIN / "marc"), "status")
+    assert "Prefect UI: http://127.0.0.1:" in status.stdout and "MLflow UI:  http://127.0.0.1:" in status.stdout
+    assert "stopped" not in status.stdout, status.stdout
