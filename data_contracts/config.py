@@ -206,6 +206,8 @@ class ComputeConfig(_Section):
     Asking for more than the cluster has fails at once instead of pending forever."""
     cpus_per_task: float = Field(1.0, gt=0.0)
     """CPUs Ray reserves per stage task."""
+    max_shards: int = Field(2, ge=1)
+    """Ray tasks a per-item stage (segment, embed, retrieve, rollout) splits its work into; 2 = the default machine's cores."""
     task_retries: int = Field(2, ge=0)
     """Prefect retries of a stage task after a transient error (a killed worker, a lost connection)."""
 

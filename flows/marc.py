@@ -20,9 +20,10 @@ from infra.home import marc_home, sample_data_dir
 from infra.presets import DEFAULT_PRESET, load_preset
 from stages import ingest, sample_data
 from stages.common.workspace import Workspace
+from stages.segment import stage as segment
 from flows.progress import StageProgress
 
-STAGES: tuple[str, ...] = ("ingest",)
+STAGES: tuple[str, ...] = ("ingest", "segment")
 """Stages in pipeline order; each has a deployment `marc/<stage>` in prefect.yaml."""
 
 _FORWARDED_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
@@ -60,6 +61,37 @@ def ingest_task(preset: str, data_dir: str, home: str, parent_run_id: str) -> di
     return manifest
 
 
+@task(name="segment-plan")
+def segment_plan_task(preset: str, home: str, force: bool):
+    workspace = Workspace(Path(home))
+    videos = segment.load_inputs(workspace)
+    plan = segment.plan(load_preset(preset), videos, workspace, force)
+    rows = {v["video_id"]: v for v in videos.to_pylist()}
+    return plan, [rows[v] for v in plan.compute]
+
+
+@task(name="segment-shard")
+def segment_shard_task(preset: str, home: str, videos: list[dict], fingerprints: dict[str, str], shard: int):
+    progress = StageProgress(f"segment-shard-{shard}", unit="videos")
+    return segment.compute(load_preset(preset), videos, fingerprints, Workspace(Path(home)), progress)
+
+
+@task(name="segment-commit")
+def segment_commit_task(home: str, plan, computed: list, run_id: str) -> dict:
+    result = segment.commit(plan, [item for shard in computed for item in shard], Workspace(Path(home)))
+    tracking.log_metrics(run_id, result.counts)
+    manifest = {"stage": "segment", "code_version": segment.CODE_VERSION, "counts": result.counts,
+                "wrote": result.wrote, "outputs": {"events": str(result.events_path)}}
+    tracking.log_json_artifact(run_id, "manifest.json", manifest)
+    get_run_logger().info("segment: %s", result.counts)
+    return manifest
+
+
+def _shards(items: list, count: int) -> list[list]:
+    """Round-robin split, so shards get similar mixes of long and short items."""
+    return [items[i::count] for i in range(count) if items[i::count]]
+
+
 @flow(name="marc", task_runner=_ray_task_runner(), log_prints=True)
 def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: str = DEFAULT_PRESET,
          force: bool = False) -> dict:
@@ -89,12 +121,20 @@ def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: s
     ok = False
     try:
         with remote_options(num_cpus=config.compute.cpus_per_task, num_gpus=0):
-            if data_dir is None:
+            if data_dir is None and "ingest" in selected:
                 data_dir = str(sample_data_dir())
                 results["sample-data"] = sample_data_task.submit(preset, data_dir).result()
             retries = {"retries": config.compute.task_retries, "retry_delay_seconds": 3}
             if "ingest" in selected:
                 results["ingest"] = ingest_task.with_options(**retries).submit(preset, data_dir, home, parent).result()
+            if "segment" in selected:
+                params = {"preset": preset, "force": force, **config.segment.model_dump()}
+                with tracking.stage_run(parent, "segment", params) as run:
+                    plan, todo = segment_plan_task.submit(preset, home, force).result()
+                    shards = [segment_shard_task.with_options(**retries).submit(preset, home, part, plan.fingerprints, i)
+                              for i, part in enumerate(_shards(todo, config.compute.max_shards))]
+                    results["segment"] = segment_commit_task.submit(home, plan, [f.result() for f in shards],
+                                                                    run.run_id).result()
         ok = True
     finally:
         tracking.end_run(parent, ok)

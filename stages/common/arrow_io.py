@@ -20,6 +20,7 @@ from data_contracts.validate import validate_table
 def write_table(table: pa.Table, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as raw:
@@ -32,6 +33,12 @@ def write_table(table: pa.Table, path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files a killed writer left behind; each table has one writer (its stage's commit)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def read_table(path: Path, schema: pa.Schema | None = None) -> pa.Table:
