@@ -89,7 +89,7 @@ def compute(config: PipelineConfig, videos: list[dict], fingerprints: dict[str, 
                 max_event_seconds=cfg.max_event_seconds, keyframes_per_event=cfg.keyframes_per_event,
                 keyframe_dir=frames_dir,
             )
-        except UndecodableVideo as exc:
+        except (UndecodableVideo, FileNotFoundError) as exc:
             item.rejects.append(_reject(video, "error", f"video {vid}: nothing decodable: {exc}"))
         else:
             for warning in result.warnings:

@@ -1,0 +1,1 @@
+"""Stage segment: one video -> events (shots) with PTS-exact times, detected with PySceneDetect."""
