@@ -82,6 +82,19 @@ class EmbedConfig(_Section):
     """Side in pixels of the frames the visual tower sees."""
     train_steps: int = Field(600, ge=0)
     """InfoNCE steps of the visual tower (stage embed-train)."""
+    batch_size: int = Field(128, ge=2)
+    """Events per InfoNCE step (their texts come along); the cpu-tiny train split (~80 events) fits in one."""
+    learning_rate: float = Field(2e-3, gt=0.0)
+    """Peak AdamW learning rate of the visual tower (one-cycle schedule); high because it starts from random weights."""
+    tower_width: int = Field(32, ge=4)
+    """Channels of the visual tower's first conv layer (later layers use twice as many)."""
+    seed: int = 0
+    """Seed of embed-train (weights init, batch and frame draws): same seed, same machine -> same checkpoint."""
+    train_question_families: list[str] = ["shape", "colour", "direction"]
+    """Training questions of these families are extra positives of their answer event (besides its caption).
+    MiniLM alone ranks the right caption first for only ~55% of shape/colour questions, so captions-only
+    training cannot reach the retrieval bar; `after` is left out because its question describes the
+    event *before* the answer event. Empty list: captions only."""
     index_min_rows: int = Field(10000, ge=256)
     """Above this many rows an ANN index is built; LanceDB indexes nothing under 256 rows anyway."""
     refine_factor: int = Field(10, ge=1)
@@ -118,16 +131,45 @@ class ModelConfig(_Section):
     """Vision-tower width of the tiny model."""
     vision_depth: int = Field(2, ge=1)
     """Vision-tower blocks of the tiny model."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads of the tiny language model: head_dim = hidden_size / num_heads = 32, the smallest
+    head that splits cleanly into M-RoPE's (temporal, height, width) = (1/4, 3/8, 3/8) frequency sections."""
+    num_kv_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention, as in Qwen2.5-VL-3B's 16:2); halves the KV cache of generation."""
+    intermediate_size: int = Field(512, ge=16)
+    """MLP width of the tiny language model (4x hidden_size; Qwen2.5-VL-3B uses 5.4x)."""
+    vision_num_heads: int = Field(4, ge=1)
+    """Attention heads of the tiny vision tower (head_dim 16)."""
+    vision_intermediate_size: int = Field(256, ge=16)
+    """MLP width of the tiny vision tower (4x vision_hidden_size)."""
+    vocab_size: int = Field(1024, ge=300)
+    """Cap on the locally trained byte-level BPE vocabulary (256 bytes + 14 special + merges); the EventQA
+    corpus runs out of merges below it (~680 tokens), so every corpus word is one or two tokens and the
+    LM head stays cheap."""
+    seed: int = 0
+    """Seed of the tiny model's random initialisation: the same preset builds bit-identical weights."""
     compression_ratio: float = Field(0.5, gt=0.0, le=1.0)
     """rho: stage 1 keeps ceil(rho * n) frames of an event of n frames."""
     merge_window: int | None = None
-    """m: if set, only pairs within this many frames of the event start are merge candidates; None = all."""
+    """m: in stage 1 a pair may merge only if the merged frame covers at most m original frames; None = no limit."""
     target_frames: int = Field(1, ge=1)
     """N_target: temporal groups left after stage 2; the paper keeps 1 (one frame's worth of tokens)."""
     compression_backend: Literal["auto", "triton", "torch"] = "auto"
     """auto: the Triton kernel on CUDA tensors, the PyTorch reference elsewhere."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype; bf16 on GPU, fp32 on CPU (DeepSpeed refuses fp16 on CPU)."""
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> "ModelConfig":
+        if self.checkpoint is not None:
+            return self
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 16:
+            raise ValueError("model.hidden_size / model.num_heads must be a multiple of 16 (M-RoPE sections)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
+        if self.vision_hidden_size % self.vision_num_heads or (self.vision_hidden_size // self.vision_num_heads) % 4:
+            raise ValueError("model.vision_hidden_size / model.vision_num_heads must be a multiple of 4 (2-D rotary)")
+        return self
 
 
 class WarmupConfig(_Section):
