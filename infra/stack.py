@@ -741,6 +741,21 @@ def _stop_records(records: list[_Record], timeout: float = STOP_TIMEOUT_S) -> No
         deadline = time.monotonic() + 5
         while still_there() and time.monotonic() < deadline:
             time.sleep(0.1)
+    # A raylet may start a worker while the others shut down, after the snapshot above: rescan
+    # the sessions we started until nothing of ours is left.
+    for _ in range(10):
+        table = _proc_table()
+        late = {pid: st for leader in leaders for pid, st in _family(leader, table).items()
+                if pid not in victims or _alive(pid, st)}
+        if not late:
+            break
+        victims.update(late)
+        for pid in late:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while still_there() and time.monotonic() < deadline:
+            time.sleep(0.1)
     for record in records:
         _reap(record.pid)
         if not record.alive():

@@ -130,7 +130,10 @@ def test_full_pipeline_deployment_through_the_real_stack(stack):
     parent_id = parents[0]["info"]["run_id"]
     assert _tags(parents[0])["prefect.flow_run_id"]
     children = {_tags(r)["marc.stage"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parent_id}
-    assert "ingest" in children
+    assert {"ingest", "segment"} <= set(children)
+    segment_metrics = {m["key"]: m["value"] for m in children["segment"]["data"]["metrics"]}
+    assert segment_metrics["computed"] == len(events) and segment_metrics["reused"] == 0
+    assert segment_metrics["events"] == sum(len(e["events"]) for e in events)
     ingest_run = children["ingest"]
     metrics = {m["key"]: m["value"] for m in ingest_run["data"]["metrics"]}
     assert metrics["videos"] == len(events) and metrics["rejects"] == 0
@@ -146,6 +149,38 @@ def test_full_pipeline_deployment_through_the_real_stack(stack):
     assert len([r for r in _runs(uri) if _tags(r).get("marc.kind") == "pipeline"]) == 2
     broken = client(str(BIN / "marc"), "run", "--stage", "ingest", "--data", str(home / "no-such-folder"), check=False)
     assert broken.returncode != 0 and "FAILED" in broken.stdout
+
+
+def _stage_metrics(uri: str, stage: str) -> dict[str, float]:
+    """Metrics of the newest nested run of `stage`."""
+    runs = [r for r in _runs(uri) if _tags(r).get("marc.stage") == stage]
+    newest = max(runs, key=lambda r: r["info"]["start_time"])
+    return {m["key"]: m["value"] for m in newest["data"]["metrics"]}
+
+
+def test_rerun_reuses_everything_and_changes_touch_only_their_videos(stack):
+    shell, home = stack
+    client = Shell(shell.client_env())
+    uri = client.env["MLFLOW_TRACKING_URI"]
+    events_table = home / "tables" / "events.arrow"
+    before = events_table.read_bytes()
+
+    client(str(BIN / "prefect"), "deployment", "run", "marc/full-pipeline", "--watch")
+    counts = _stage_metrics(uri, "segment")
+    assert counts["computed"] == 0 and counts["removed"] == 0 and counts["reused"] == counts["videos"]
+    assert events_table.read_bytes() == before
+
+    # Replace one video, add one, delete one; ingest the folder again, then rerun marc/segment alone.
+    videos = sorted((home / "sample-data" / "videos").glob("*.mp4"))
+    videos[0].write_bytes(videos[1].read_bytes())
+    (home / "sample-data" / "videos" / "extra.mp4").write_bytes(videos[2].read_bytes())
+    videos[3].unlink()
+    client(str(BIN / "marc"), "run", "--stage", "ingest")
+    client(str(BIN / "prefect"), "deployment", "run", "marc/segment", "--watch")
+    counts = _stage_metrics(uri, "segment")
+    assert (counts["computed"], counts["removed"]) == (2, 1), counts
+    keys = [json.loads(l)["event_key"] for l in client(str(BIN / "marc"), "show", "events", "--format", "jsonl").stdout.splitlines()]
+    assert len(keys) == len(set(keys)) and any(k.startswith("videos/extra.mp4#") for k in keys)
 
 
 def test_up_is_idempotent_and_status_reports(stack):
