@@ -47,6 +47,15 @@ def _descendants(pids: set[int]) -> set[int]:
     return {p for p in found if Path(f"/proc/{p}").exists()}
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+        return f"state={stat[0]} ppid={stat[1]} pgid={stat[2]} sid={stat[3]} {cmd}"
+    except OSError:
+        return "(gone)"
+
+
 class Shell:
     def __init__(self, env: dict[str, str]):
         self.env = env
@@ -82,9 +91,10 @@ def stack():
         pids = {json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.pid")}
         before = _descendants(pids)
         down = shell(str(BIN / "marc"), "down", check=False)
-        left = {p for p in before if Path(f"/proc/{p}").exists()}
+        # A zombie (state Z) is dead; it waits for init to reap it, as `marc up` has exited.
+        left = {p: _cmdline(p) for p in before if Path(f"/proc/{p}").exists() and not _cmdline(p).startswith("state=Z")}
         assert down.returncode == 0, down.stdout + down.stderr
-        assert not left, f"marc down left processes behind: {sorted(left)}"
+        assert not left, f"marc down left processes behind: {left}"
 
 
 def _mlflow(uri: str, path: str, payload: dict | None = None, params: dict | None = None) -> dict:
