@@ -116,6 +116,12 @@ def cmd_run(args) -> int:
 def cmd_sample_data(args) -> int:
     from stages import sample_data
 
+    from infra.presets import load_preset
+
+    preset = load_preset(args.preset).sample_data
+    for name in ("videos", "seed", "width", "height", "fps", "test_fraction"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(preset, name))
     out = Path(args.dir) if args.dir else sample_data_dir()
 
     def progress(done: int, total: int) -> None:
@@ -207,12 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample-data", help="generate the EventQA sample data set")
     sample.add_argument("dir", nargs="?", help="output folder (default: MARC_HOME/sample-data)")
-    sample.add_argument("--videos", type=int, default=24)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--width", type=int, default=128)
-    sample.add_argument("--height", type=int, default=128)
-    sample.add_argument("--fps", type=int, default=10)
-    sample.add_argument("--test-fraction", type=float, default=0.25)
+    sample.add_argument("--preset", default="cpu-tiny", help="preset whose sample_data section gives the defaults")
+    sample.add_argument("--videos", type=int)
+    sample.add_argument("--seed", type=int)
+    sample.add_argument("--width", type=int)
+    sample.add_argument("--height", type=int)
+    sample.add_argument("--fps", type=int)
+    sample.add_argument("--test-fraction", type=float)
     sample.set_defaults(func=cmd_sample_data)
 
     show = sub.add_parser("show", help="print a pipeline table")
