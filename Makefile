@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 MARC   := $(VENV)/bin/marc
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench-segment down clean
+.PHONY: install demo test test-fast bench-segment bench-model bench-compression down clean
 
 # Editable install of the project and its pins; scenedetect last with --no-deps because it
 # depends on the GUI opencv-python, which clashes with the headless build we use.
@@ -35,6 +35,12 @@ test-fast: install
 
 bench-segment: install
 	$(PY) bench/bench_segment.py
+
+bench-model: install
+	$(PY) bench/bench_model.py
+
+bench-compression: install
+	$(PY) bench/bench_compression.py
 
 down:
 	$(MARC) down
