@@ -186,9 +186,10 @@ def _print_status(status) -> None:
         origin = " (external)" if s.external else (f" pid {s.pid}" if s.pid else "")
         print(f"{s.name:<16} {state:<8} {where}{origin}{('  ' + s.detail) if s.detail else ''}")
     env = status.env
-    if "PREFECT_API_URL" in env:
+    running = {s.name for s in status.services if s.running}
+    if "PREFECT_API_URL" in env and "prefect-server" in running:
         print(f"Prefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}")
-    if "MLFLOW_TRACKING_URI" in env:
+    if "MLFLOW_TRACKING_URI" in env and "mlflow" in running:
         print(f"MLflow UI:  {env['MLFLOW_TRACKING_URI']}")
 
 
