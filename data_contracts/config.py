@@ -9,7 +9,7 @@ The docstring of each field says what it does and why its default is what it is;
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,14 +80,14 @@ class EmbedConfig(_Section):
     """Frames of an event the visual tower looks at."""
     frame_size: int = Field(64, ge=16)
     """Side in pixels of the frames the visual tower sees."""
-    train_steps: int = Field(600, ge=0)
+    train_steps: int = Field(300, ge=0)
     """InfoNCE steps of the visual tower (stage embed-train)."""
     batch_size: int = Field(128, ge=2)
     """Events per InfoNCE step (their texts come along); the cpu-tiny train split (~80 events) fits in one."""
-    learning_rate: float = Field(2e-3, gt=0.0)
+    learning_rate: float = Field(1e-2, gt=0.0)
     """Peak AdamW learning rate of the visual tower (one-cycle schedule); high because it starts from random weights."""
-    tower_width: int = Field(32, ge=4)
-    """Channels of the visual tower's first conv layer (later layers use twice as many)."""
+    tower_width: int = Field(16, ge=4)
+    """Channels of the visual tower's shape CNN (it only sees a one-channel foreground mask)."""
     seed: int = 0
     """Seed of embed-train (weights init, batch and frame draws): same seed, same machine -> same checkpoint."""
     train_question_families: list[str] = ["shape", "colour", "direction"]
@@ -146,6 +146,11 @@ class ModelConfig(_Section):
     """Cap on the locally trained byte-level BPE vocabulary (256 bytes + 14 special + merges); the EventQA
     corpus runs out of merges below it (~680 tokens), so every corpus word is one or two tokens and the
     LM head stays cheap."""
+    prompt_style: Literal["video-r1", "compact"] = "video-r1"
+    """User-turn instruction: Video-R1's verbatim think/answer prompt (~150 tokens), or `compact`
+    ("Think, then answer with the option letter."; same answer format). The tiny CPU model uses compact:
+    with Video-R1's text the prompt is over half of a 64-frame sequence at 56 px and its cost, while the
+    model cannot read it. Saved with the model, so rollout/evaluate build the prompt it was trained on."""
     seed: int = 0
     """Seed of the tiny model's random initialisation: the same preset builds bit-identical weights."""
     compression_ratio: float = Field(0.5, gt=0.0, le=1.0)
@@ -173,16 +178,63 @@ class ModelConfig(_Section):
 
 
 class WarmupConfig(_Section):
-    """Supervised warm-up of the tiny teacher, and the SFT student baseline (issue #5)."""
+    """Supervised warm-up of the tiny teacher, and the SFT student baseline (issue #5).
+
+    Teacher: phase 1 (`caption_steps`) captions single events and practises text-only QA; phase 2
+    (`qa_steps`) trains the real 64-frame QA input with `<think>caption</think><answer>X</answer>`
+    targets, keeping the caption and text losses. Student: `student_steps` of the same QA targets on
+    the 1-group compressed memory, starting from the teacher. Measured recipe: README / bench/warmup_experiment.py."""
 
     caption_steps: int = Field(1500, ge=0)
-    """Steps of single-event captioning (dense, grounded supervision)."""
+    """Steps of phase 1: single-event captioning (dense, grounded supervision) + text-only QA."""
     qa_steps: int = Field(1500, ge=0)
-    """Steps of question answering with `<think>caption</think><answer>X</answer>` targets."""
+    """Steps of phase 2: 64-frame question answering with `<think>caption</think><answer>X</answer>` targets."""
+    student_steps: int = Field(300, ge=0)
+    """Steps of the SFT student baseline (QA on compressed 1-group memories, from the teacher's weights)."""
     batch_size: int = Field(16, ge=1)
-    """Sequences per step."""
+    """Sequences per video task (caption, qa, story) per step."""
+    text_batch_size: int = Field(16, ge=1)
+    """Sequences of the text-only QA task per step (short sequences: cheap)."""
     learning_rate: float = Field(1e-3, gt=0.0)
-    """AdamW learning rate; high because the tiny model starts from random weights."""
+    """Peak AdamW learning rate of the teacher; high because the tiny model starts from random weights."""
+    student_learning_rate: float = Field(3e-4, gt=0.0)
+    """Peak learning rate of the SFT student (it starts from a trained teacher)."""
+    lr_warmup_steps: int = Field(50, ge=0)
+    """Linear learning-rate warm-up steps, then cosine decay over all phases."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine ends at this fraction of the peak learning rate."""
+    weight_decay: float = Field(0.01, ge=0.0)
+    """AdamW weight decay of matrices (norms and biases get none)."""
+    textqa_weight: float = Field(1.0, ge=0.0)
+    """Phase 1 loss weight of text-only QA (captions as text + the real QA prompt): teaches the hops and
+    the word -> option letter match on short sequences; caption weight is 1."""
+    qa_caption_weight: float = Field(0.5, ge=0.0)
+    """Weight of the single-event caption loss kept during phase 2 (and the student run); QA weight is 1."""
+    qa_textqa_weight: float = Field(0.0, ge=0.0)
+    """Weight of text-only QA kept during phase 2."""
+    story_weight: float = Field(0.0, ge=0.0)
+    """Phase 2 weight of whole-video captioning (every event's caption, in order: event order for `after`)."""
+    synthetic_seed: int = 1000
+    """Seed of the extra EventQA videos planned and rendered in memory for training (held-out checks use
+    seed + 1). Must differ from the data set's seed and from any evaluation seed."""
+    dataset_share: float = Field(0.25, ge=0.0, le=1.0)
+    """Share of training videos drawn from the data set's training split; the rest are synthetic."""
+    eval_every: int = Field(200, ge=0)
+    """Steps between held-out evaluations (0: only at the end)."""
+    eval_per_family: int = Field(16, ge=1)
+    """Held-out questions per family in each evaluation during training."""
+    eval_captions: int = Field(32, ge=0)
+    """Held-out single events captioned greedily in each evaluation (caption slot accuracy; 0: skip)."""
+    eval_batch_size: int = Field(16, ge=1)
+    """Questions per greedy generation batch in evaluations."""
+    eval_max_new_tokens: int = Field(40, ge=8)
+    """Generation cap in evaluations; a full `<think>caption</think><answer>X</answer>` is ~25 tokens."""
+    log_every: int = Field(25, ge=1)
+    """Steps between loss rows of the learning curve."""
+    seed: int = 0
+    """Seed of data order and sampling: same seed, same machine -> same checkpoint."""
+    threads: int = Field(2, ge=1)
+    """torch intra-op threads (the default machine has 2 cores)."""
 
 
 class RolloutConfig(_Section):
@@ -194,6 +246,9 @@ class RolloutConfig(_Section):
     """Sampling temperature of teacher completions."""
     max_new_tokens: int = Field(48, ge=1)
     """Completion length cap."""
+    seed: int = 0
+    """Seed of teacher sampling: completion j of a question is drawn from (seed, question, j) alone, so a
+    rerun or a resharded run writes the same rollouts."""
 
 
 class TrainConfig(_Section):
@@ -229,6 +284,27 @@ class TrainConfig(_Section):
     """Completion length cap."""
     temperature: float = Field(1.0, gt=0.0)
     """Sampling temperature of student completions."""
+    seed: int = 0
+    """Seed of training: each step's data order and sampling come from (seed, step, rank) alone, so a run
+    resumed from a checkpoint computes exactly what an uninterrupted run computes."""
+    reward_names: list[str] = ["format", "accuracy"]
+    """Reward plug-ins (names in `stages.train.rewards.REGISTRY`) summed into r_i; the paper uses these two."""
+    correct_threshold: float = Field(0.1, ge=0.0, le=1.0)
+    """An answer counts as correct for the retention bonus when its accuracy exceeds this. 0.1 is Video-R1's
+    T-GRPO rule; for multiple choice and numerical answers (0 or 1) it means exactly right."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Gradient clipping (DeepSpeed `gradient_clipping`); 1.0 as TRL's GRPOConfig."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay; 0 as TRL's default, the KL term already anchors the weights."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Complete checkpoints kept in the run folder (older ones are deleted after a newer one is complete);
+    2 keeps a fallback should the newest prove unreadable."""
+    max_failures: int = Field(0, ge=0)
+    """Ray Train restarts of the worker group after a worker dies within one run; each restart resumes from
+    the last checkpoint. 0: a failure ends the run and a rerun of the stage resumes."""
+    deepspeed_overrides: dict[str, Any] = {}
+    """Extra DeepSpeed config merged over the generated one (e.g. {zero_optimization:
+    {stage3_param_persistence_threshold: 0}}); empty keeps the generated config."""
 
 
 class EvaluateConfig(_Section):

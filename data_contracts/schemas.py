@@ -92,7 +92,25 @@ REJECTS = _schema(
     ],
 )
 
-ALL: dict[str, pa.Schema] = {s.metadata[b"marc.table"].decode(): s for s in (VIDEOS, QUESTIONS, EVENTS, REJECTS)}
+ROLLOUTS = _schema(
+    "rollouts",
+    "1.0",
+    [  # one row per teacher completion: G_t rows per question, all sharing the question's a_full
+        pa.field("question_id", pa.string(), nullable=False),  # key into the questions table
+        pa.field("fingerprint", pa.string(), nullable=False),  # of the item: teacher weights, question, sampling config
+        pa.field("sample_index", pa.int32(), nullable=False),  # 0 .. G_t - 1 within the question
+        pa.field("completion", pa.string(), nullable=False),  # decoded text, special tokens removed
+        pa.field("num_tokens", pa.int32(), nullable=False),  # generated tokens, through the end-of-sequence token
+        pa.field("reward_format", pa.float64()),  # `format` plug-in (0/1); null when the run did not use it
+        pa.field("reward_accuracy", pa.float64(), nullable=False),  # `accuracy` plug-in, in [0, 1]
+        pa.field("reward_total", pa.float64(), nullable=False),  # sum of the plug-in sub-scores (no retention bonus)
+        pa.field("a_full", pa.float64(), nullable=False),  # mean reward_accuracy of the question's G_t rows
+    ],
+)
+
+ALL: dict[str, pa.Schema] = {
+    s.metadata[b"marc.table"].decode(): s for s in (VIDEOS, QUESTIONS, EVENTS, REJECTS, ROLLOUTS)
+}
 
 
 def schema_version(schema: pa.Schema) -> str:
