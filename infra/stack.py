@@ -51,7 +51,11 @@ DEFAULT_PORTS = {PREFECT: 4200, MLFLOW: 5000, RAY: 6379}
 PORT_ENV = {PREFECT: "MARC_PREFECT_PORT", MLFLOW: "MARC_MLFLOW_PORT", RAY: "MARC_RAY_PORT"}
 EXTERNAL_ENV = {PREFECT: "PREFECT_API_URL", MLFLOW: "MLFLOW_TRACKING_URI", RAY: "MARC_RAY_ADDRESS"}
 CLIENT_KEYS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_RAY_ADDRESS", "MARC_HOME", "PREFECT_HOME",
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")
+# RAY_AUTH_MODE is pinned for the local Ray: once any Ray run on the machine has created
+# ~/.ray/auth_token, `ray start` turns token auth on while drivers default to off, and they can
+# no longer connect ("InvalidAuthToken"). Head, probe, worker and flow runs must agree; the local
+# head listens on 127.0.0.1 only, so auth is off.
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is part of the client env while Ray is local: a driver
 # without it looks for a raylet on the machine's network address and `ray.init(address=...)`
 # hangs (measured: no answer within 120 s) instead of connecting to the 127.0.0.1 node.
@@ -422,6 +426,7 @@ def _configured_env() -> dict[str, str]:
         env["PREFECT_HOME"] = str(_prefect_home())
     if not _external(RAY):
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        env["RAY_AUTH_MODE"] = "disabled"
     return env
 
 
@@ -446,6 +451,7 @@ def client_env() -> dict[str, str]:
         env.pop("PREFECT_HOME", None)
     if _external(RAY):
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        env.pop("RAY_AUTH_MODE", None)
     env["MARC_HOME"] = str(marc_home())
     return {k: env[k] for k in CLIENT_KEYS if k in env}
 
@@ -518,6 +524,7 @@ def _spec(name: str, port: int, client: dict[str, str]) -> tuple[list[str], dict
         env.update({
             "MARC_RAY_ADDRESS": _url(RAY, port),
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single node on 127.0.0.1 only (STACK.md)
+            "RAY_AUTH_MODE": "disabled",  # see CLIENT_KEYS
             "RAY_SCHEDULER_EVENTS": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             # `ray start --block` drains the node for 30 s on SIGTERM by default.
@@ -689,7 +696,7 @@ def up(wait: bool = True) -> StackStatus:
 
 def _ray_ready(address: str) -> bool:
     try:
-        return bool(ray_probe(address, timeout=60).get("CPU", 0) >= 0)
+        return bool(ray_probe(address, env={"RAY_AUTH_MODE": "disabled"}, timeout=60).get("CPU", 0) >= 0)
     except (RuntimeError, subprocess.TimeoutExpired):
         return False
 

@@ -6,7 +6,6 @@ The integration tests start the stack once (module fixture) under a short tempor
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
+from conftest import listeners_of, pid_alive as _exists, process_family
 from infra import stack
 
 EXTERNAL_VARS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_RAY_ADDRESS")
@@ -40,38 +40,6 @@ def _short_home() -> Path:
     return Path(tempfile.mkdtemp(prefix="mh-", dir="/tmp"))
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2:].split()  # [state, ppid, pgrp, session, ...]
-
-
-def _exists(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def _family(pids: list[int]) -> set[int]:
-    """The given pids, their descendants (ppid chains) and members of their sessions."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
-            table[int(entry)] = (int(fields[1]), int(fields[3]))
-    found = set()
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid in found or pid not in table:
-            continue
-        found.add(pid)
-        todo += [child for child, (ppid, _) in table.items() if ppid == pid]
-    found |= {pid for pid, (_, sid) in table.items() if sid in pids}
-    found.discard(os.getpid())
-    return found
-
-
 def _rss_mb(pids: set[int]) -> float:
     total = 0
     for pid in pids:
@@ -82,45 +50,6 @@ def _rss_mb(pids: set[int]) -> float:
         except OSError:
             pass
     return total / 1024
-
-
-def _listening_sockets() -> dict[int, tuple[str, int]]:
-    """inode -> (address, port) of every listening TCP socket (IPv4 and IPv6)."""
-    out = {}
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            local, state, inode = parts[1], parts[3], int(parts[9])
-            if state != "0A":  # LISTEN
-                continue
-            addr_hex, port_hex = local.split(":")
-            # /proc prints each 32-bit word in host (little-endian) order.
-            raw = b"".join(bytes.fromhex(addr_hex[i:i + 8])[::-1] for i in range(0, width, 8))
-            addr = ipaddress.ip_address(raw)
-            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-                addr = addr.ipv4_mapped
-            out[inode] = (str(addr), int(port_hex, 16))
-    return out
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return inodes
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -160,7 +89,7 @@ def running_stack():
             startup_s = time.monotonic() - started
             pids = {s.name: s.pid for s in status.services}
             print(f"\nstack up in {startup_s:.1f} s; RSS (MB) per service incl. children: "
-                  + ", ".join(f"{name} {_rss_mb(_family([pid])):.0f}" for name, pid in pids.items()))
+                  + ", ".join(f"{name} {_rss_mb(process_family([pid])):.0f}" for name, pid in pids.items()))
             yield SimpleNamespace(home=home, ports=ports, status=status, pids=pids, startup_s=startup_s)
         finally:
             stack.down()
@@ -224,12 +153,7 @@ def test_up_again_starts_nothing(running_stack):
 
 @pytest.mark.integration
 def test_services_listen_on_loopback_only(running_stack):
-    listening = _listening_sockets()
-    seen = []
-    for pid in _family(list(running_stack.pids.values())):
-        for inode in _socket_inodes(pid):
-            if inode in listening:
-                seen.append((pid, *listening[inode]))
+    seen = listeners_of(list(running_stack.pids.values()))
     ports = {port for _, _, port in seen}
     assert set(running_stack.ports.values()) <= ports, seen
     assert all(addr == "127.0.0.1" for _, addr, _ in seen), [s for s in seen if s[1] != "127.0.0.1"]
@@ -257,7 +181,7 @@ def test_port_in_use_raises_and_starts_nothing(running_stack):
 @pytest.mark.integration
 def test_down_stops_every_process(running_stack):
     pids = list(running_stack.pids.values())
-    family = _family(pids)
+    family = process_family(pids)
     assert len(family) > len(pids)  # Ray and MLflow have children
     status = stack.down()
     assert not any(s.running or s.pid for s in status.services), status
@@ -299,7 +223,8 @@ def test_client_env_reads_stack_json_and_external_vars_win(monkeypatch, tmp_path
     (tmp_path / "run").mkdir()
     recorded = {"PREFECT_API_URL": "http://127.0.0.1:4321/api", "MLFLOW_TRACKING_URI": "http://127.0.0.1:5432",
                 "MARC_RAY_ADDRESS": "127.0.0.1:6543", "MARC_HOME": str(tmp_path),
-                "PREFECT_HOME": str(tmp_path / "prefect"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+                "PREFECT_HOME": str(tmp_path / "prefect"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "RAY_AUTH_MODE": "disabled"}
     (tmp_path / "run" / "stack.json").write_text(json.dumps({"env": recorded}))
     assert stack.client_env() == recorded
 

@@ -29,6 +29,12 @@ class VideoProbe:
     duration: float
     variable_frame_rate: bool
     codec: str
+    declared_frames: int = 0  # frames the container's index lists (MP4, AVI); 0 where it says none (WebM)
+
+    @property
+    def missing_frames(self) -> int:
+        """Frames the index lists but the file does not hold: a truncated file (0 when unknown)."""
+        return max(0, self.declared_frames - self.frame_count) if self.declared_frames else 0
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -66,6 +72,7 @@ def probe_video(path: Path, decode_frames: int = 1) -> VideoProbe:
         if not pts:
             raise ProbeError("video stream has no frames")
         width, height, codec = stream.codec_context.width, stream.codec_context.height, stream.codec_context.name
+        declared = int(stream.frames or 0)
     pts.sort()
     start = pts[0] * time_base
     intervals = [b - a for a, b in zip(pts, pts[1:]) if b > a]
@@ -76,7 +83,7 @@ def probe_video(path: Path, decode_frames: int = 1) -> VideoProbe:
     # Millisecond time bases round 24 fps to 41/42 ms: one tick of jitter is not a variable rate.
     vfr = bool(intervals) and (max(intervals) - min(intervals)) > max(1, 0.01 * max(intervals))
     fps = len(pts) / duration if duration > 0 else 0.0
-    return VideoProbe(width, height, rotation, fps, len(pts), start, duration, vfr, codec)
+    return VideoProbe(width, height, rotation, fps, len(pts), start, duration, vfr, codec, declared)
 
 
 def _first_frame_rotation(path: Path, decode_frames: int) -> int:

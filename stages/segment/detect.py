@@ -399,7 +399,8 @@ def detect_events_multi(
                     per_max = int(max_event_seconds * float(rate)) if max_event_seconds else 1 << 30
                     cap = per_max // (4 * keyframes_per_event)
                     for k, run in enumerate(runs):
-                        prefix = f"{path.stem}_" + (f"d{k}_" if len(runs) > 1 else "")
+                        # The folder is already unique per video: a short stem keeps names under NAME_MAX.
+                        prefix = f"{path.stem[:40]}_" + (f"d{k}_" if len(runs) > 1 else "")
                         run.keyframes = _Keyframes(keyframes_per_event, keyframe_dir, prefix, img.nbytes, cap)
             elif img.shape != shape:
                 # PySceneDetect skips frames whose size changed mid-stream; keep them, resized.
@@ -487,7 +488,8 @@ def detect_events_multi(
         bounds = [0, *cut_frames, n]
         windows: list[tuple[int, int]] = []
         for s, e in zip(bounds, bounds[1:]):
-            windows.extend(split_event(s, e, times, end_time, max_event_seconds))
+            # An event ends where the next one starts; only the last one ends at the video's end.
+            windows.extend(split_event(s, e, times, times[e] if e < n else end_time, max_event_seconds))
         events = [
             DetectedEvent(
                 index=k,
