@@ -77,11 +77,14 @@ class EmbedConfig(_Section):
     dim: int = Field(384, ge=8)
     """Embedding width; 384 is MiniLM's output size."""
     frames_per_event: int = Field(4, ge=1)
-    """Frames of an event the visual tower looks at."""
+    """Frames of an event the visual tower looks at (slice centres); 4 show where a shape moves."""
     frame_size: int = Field(64, ge=16)
-    """Side in pixels of the frames the visual tower sees."""
+    """Side in pixels of the frames the visual tower sees (CLIP/SigLIP use their own image size); 64 px
+    shows EventQA's colours and shapes plainly."""
     train_steps: int = Field(300, ge=0)
-    """InfoNCE steps of the visual tower (stage embed-train)."""
+    """InfoNCE steps of the visual tower (stage embed-train). 300 full-batch steps on the cpu-tiny train split
+    take 20-45 s on 2 busy cores and reach recall@1 0.96-0.97, recall@3 1.0 on unseen-seed EventQA (shape,
+    colour, direction); 200 steps gave 0.94-0.96."""
     batch_size: int = Field(128, ge=2)
     """Events per InfoNCE step (their texts come along); the cpu-tiny train split (~80 events) fits in one."""
     learning_rate: float = Field(1e-2, gt=0.0)
@@ -96,9 +99,21 @@ class EmbedConfig(_Section):
     training cannot reach the retrieval bar; `after` is left out because its question describes the
     event *before* the answer event. Empty list: captions only."""
     index_min_rows: int = Field(10000, ge=256)
-    """Above this many rows an ANN index is built; LanceDB indexes nothing under 256 rows anyway."""
+    """From this many rows on, an ANN index (and a BTREE on video_id) is built; below it every search is
+    exact, which at 10k rows costs a few tens of ms. LanceDB indexes nothing under 256 rows anyway."""
+    index_type: Literal["IVF_SQ", "IVF_PQ", "IVF_FLAT", "IVF_HNSW_SQ"] = "IVF_SQ"
+    """ANN index kind. bench/bench_retrieve.py at 100k clustered vectors, nprobes 20, refine 10: IVF_SQ recall@10
+    1.0, p50 ~5 ms, built in 1-4 s; IVF_PQ 0.99, p50 ~7-9 ms, built in 80-100 s on 2 busy cores (and 0.81 on
+    noisier queries, where it needed refine 30 for 0.95)."""
+    num_partitions: int | None = Field(None, ge=1)
+    """IVF partitions; None lets LanceDB size them (sqrt(rows) at 10k asked for 100 and it trained only 39)."""
+    nprobes: int = Field(20, ge=1)
+    """IVF partitions searched per ANN query."""
     refine_factor: int = Field(10, ge=1)
-    """Re-rank factor for ANN queries; recall collapses without it."""
+    """ANN queries fetch refine_factor * k candidates and re-rank them with exact distances; recall collapses
+    without it. Queries restricted to one video (what retrieve does) always search that video's rows exactly:
+    through an IVF index a filtered query returned 0-1 of a video's 5 events at 100k rows (the rest sat in
+    partitions it did not probe)."""
 
 
 class RetrieveConfig(_Section):
@@ -110,6 +125,9 @@ class RetrieveConfig(_Section):
     """Sampling rate of the memory clip; the paper samples retrieved events at 1 fps."""
     max_frames: int = Field(64, ge=2)
     """Cap on sampled frames (kept even: Qwen2.5-VL pairs frames into temporal groups)."""
+    query_with_options: bool = False
+    """Also embed the option texts (letters stripped) after the question. Off: listing every candidate colour
+    or shape pulls the query toward all of them (recall@1 of shape questions 0.55 -> 0.48 text-to-caption)."""
 
 
 class ModelConfig(_Section):
@@ -214,6 +232,10 @@ class WarmupConfig(_Section):
     """Weight of text-only QA kept during phase 2."""
     story_weight: float = Field(0.0, ge=0.0)
     """Phase 2 weight of whole-video captioning (every event's caption, in order: event order for `after`)."""
+    probe_weight: float = Field(1.0, ge=0.0)
+    """Teacher only: weight of a training-only probe loss - linear heads on each temporal group's mean visual
+    token predict its event's colour, shape, direction and background. A dense, direct signal for the random
+    vision tower (captions alone left shape and direction at chance); the heads are not saved. 0: off."""
     synthetic_seed: int = 1000
     """Seed of the extra EventQA videos planned and rendered in memory for training (held-out checks use
     seed + 1). Must differ from the data set's seed and from any evaluation seed."""
@@ -247,8 +269,8 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(48, ge=1)
     """Completion length cap."""
     seed: int = 0
-    """Seed of teacher sampling: completion j of a question is drawn from (seed, question, j) alone, so a
-    rerun or a resharded run writes the same rollouts."""
+    """Seed of teacher sampling: the G_t completions of a question are drawn from (seed, question id) alone
+    (one generate call per question), so a rerun or a resharded run writes the same rollouts."""
 
 
 class TrainConfig(_Section):

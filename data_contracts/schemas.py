@@ -108,8 +108,57 @@ ROLLOUTS = _schema(
     ],
 )
 
+EMBED_DIM = 384  # all-MiniLM-L6-v2's width; a CLIP/SigLIP checkpoint may bring another (event_vectors_schema)
+
+
+def event_vectors_schema(dim: int = EMBED_DIM) -> pa.Schema:
+    """The LanceDB table `event_vectors` for vectors of width `dim`."""
+    return _schema(
+        "event_vectors",
+        "1.0",
+        [
+            pa.field("event_key", pa.string(), nullable=False),  # "{video_id}#{event_index}", the merge key
+            pa.field("video_id", pa.string(), nullable=False),
+            pa.field("event_index", pa.int32(), nullable=False),  # 0-based, chronological
+            pa.field("start_time", pa.float64(), nullable=False),  # PTS seconds, as in the events table
+            pa.field("end_time", pa.float64(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),  # unit length: cosine = dot
+            pa.field("caption", pa.string()),  # ground-truth caption of the overlapping event, if known
+            pa.field("fingerprint", pa.string(), nullable=False),  # embed's fingerprint of the video
+        ],
+    )
+
+
+EVENT_VECTORS = event_vectors_schema()  # lives in LanceDB (MARC_HOME/lancedb), not in an Arrow file
+
+MEMORIES = _schema(
+    "memories",
+    "1.0",
+    [  # one row per video question: its episodic memory clip
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("video_path", pa.string(), nullable=False),  # absolute path of the video to read frames from
+        pa.field("video_sha256", pa.string(), nullable=False),  # the frame cache's key for this video
+        pa.field("query", pa.string(), nullable=False),  # the text that was embedded (question, no option letters)
+        # The retrieved events in chronological order; each list below has one entry per event:
+        pa.field("event_keys", pa.list_(pa.string()), nullable=False),
+        pa.field("event_indices", pa.list_(pa.int32()), nullable=False),
+        pa.field("scores", pa.list_(pa.float32()), nullable=False),  # cosine similarity to the query
+        pa.field("ranks", pa.list_(pa.int32()), nullable=False),  # 0 = most similar
+        pa.field("event_start_times", pa.list_(pa.float64()), nullable=False),
+        pa.field("event_end_times", pa.list_(pa.float64()), nullable=False),
+        pa.field("event_frame_counts", pa.list_(pa.int32()), nullable=False),  # frames per event; sum = N
+        # The clip: N frames (N even, N <= max_frames), event after event:
+        pa.field("frame_timestamps", pa.list_(pa.float64()), nullable=False),  # PTS seconds, for decode_frames
+        pa.field("frame_size", pa.int32(), nullable=False),  # side in px at which the frames are cached
+        pa.field("padded", pa.bool_(), nullable=False),  # the last frame was repeated to make N even
+        pa.field("fingerprint", pa.string(), nullable=False),  # retrieve's fingerprint of the question
+    ],
+)
+
 ALL: dict[str, pa.Schema] = {
-    s.metadata[b"marc.table"].decode(): s for s in (VIDEOS, QUESTIONS, EVENTS, REJECTS, ROLLOUTS)
+    s.metadata[b"marc.table"].decode(): s
+    for s in (VIDEOS, QUESTIONS, EVENTS, REJECTS, ROLLOUTS, EVENT_VECTORS, MEMORIES)
 }
 
 

@@ -1,0 +1,1 @@
+"""Stage retrieve: questions -> episodic memories (top-k events, in time order, sampled at fps)."""
