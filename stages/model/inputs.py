@@ -220,7 +220,8 @@ def prompt_ids(bundle: ModelBundle, question: dict, video_tokens: int) -> list[i
     """Chat-templated prompt of one question with its single <|video_pad|> expanded to `video_tokens`."""
     tokenizer = bundle.tokenizer
     messages = chat_messages(question["problem"], question.get("options"),
-                             question.get("problem_type", "multiple choice"))
+                             question.get("problem_type", "multiple choice"),
+                             style=getattr(bundle.config, "prompt_style", "video-r1"))
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     k = ids.index(bundle.video_token_id)

@@ -90,19 +90,28 @@ CHAT_TEMPLATE = (
 )
 
 
-def question_text(problem: str, options: list[str] | None = None, problem_type: str = "multiple choice") -> str:
-    """The user turn's text as Video-R1 builds it: problem, options, the think/answer instruction."""
+COMPACT_INSTRUCTION = "Think, then answer with the option letter."
+"""The `compact` prompt style's whole instruction (ModelConfig.prompt_style): the tiny CPU model's
+prompt cost is dominated by Video-R1's ~150-token instruction, which carries nothing it can use."""
+
+
+def question_text(problem: str, options: list[str] | None = None, problem_type: str = "multiple choice",
+                  style: str = "video-r1") -> str:
+    """The user turn's text as Video-R1 builds it: problem, options, the think/answer instruction.
+    style="compact": problem, options, then COMPACT_INSTRUCTION (same answer format expected)."""
     question = problem
     if problem_type == "multiple choice":
         question = problem + "Options:\n" + "".join(op + "\n" for op in options or [])
+    if style == "compact":
+        return question + COMPACT_INSTRUCTION
     return QUESTION_TEMPLATE.format(Question=question) + TYPE_TEMPLATE[problem_type]
 
 
 def chat_messages(problem: str, options: list[str] | None = None, problem_type: str = "multiple choice",
-                  video: bool = True) -> list[dict]:
+                  video: bool = True, style: str = "video-r1") -> list[dict]:
     """One user turn: the video placeholder first, then the question (Video-R1's order)."""
     content = ([{"type": "video"}] if video else []) + [
-        {"type": "text", "text": question_text(problem, options, problem_type)}
+        {"type": "text", "text": question_text(problem, options, problem_type, style)}
     ]
     return [{"role": "user", "content": content}]
 
