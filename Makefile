@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 MARC   := $(VENV)/bin/marc
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench-segment bench-model bench-compression down clean
+.PHONY: install demo test test-fast bench-segment bench-model bench-compression bench-retrieve down clean
 
 # Editable install of the project and its pins; scenedetect last with --no-deps because it
 # depends on the GUI opencv-python, which clashes with the headless build we use.
@@ -41,6 +41,9 @@ bench-model: install
 
 bench-compression: install
 	$(PY) bench/bench_compression.py
+
+bench-retrieve: install
+	$(PY) bench/bench_retrieve.py
 
 down:
 	$(MARC) down

@@ -19,6 +19,9 @@ from infra import stack, tracking
 from infra.home import marc_home, sample_data_dir
 from infra.presets import DEFAULT_PRESET, load_preset
 from flows.tasks import (
+    embed_task,
+    embed_train_task,
+    retrieve_task,
     split_shards,
     ingest_task,
     sample_data_task,
@@ -27,7 +30,7 @@ from flows.tasks import (
     segment_shard_task,
 )
 
-STAGES: tuple[str, ...] = ("ingest", "segment")
+STAGES: tuple[str, ...] = ("ingest", "segment", "embed-train", "embed", "retrieve")
 """Stages in pipeline order; each has a deployment `marc/<stage>` in prefect.yaml."""
 
 _FORWARDED_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
@@ -70,9 +73,10 @@ def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: s
     ok = False
     try:
         with remote_options(num_cpus=config.compute.cpus_per_task, num_gpus=0):
-            if data_dir is None and "ingest" in selected:
+            if data_dir is None:
                 data_dir = str(sample_data_dir())
-                results["sample-data"] = sample_data_task.submit(preset, data_dir).result()
+                if "ingest" in selected:
+                    results["sample-data"] = sample_data_task.submit(preset, data_dir).result()
             retries = {"retries": config.compute.task_retries, "retry_delay_seconds": 3}
             if "ingest" in selected:
                 results["ingest"] = ingest_task.with_options(**retries).submit(preset, data_dir, home, parent).result()
@@ -84,6 +88,24 @@ def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: s
                               for i, part in enumerate(split_shards(todo, config.compute.max_shards))]
                     results["segment"] = segment_commit_task.submit(home, plan, [f.result() for f in shards],
                                                                     run.run_id).result()
+            # embed needs the visual tower's checkpoint: embed-train returns the cached one when
+            # nothing it reads changed, so running only `embed` costs no training.
+            if "embed-train" in selected or "embed" in selected:
+                with tracking.stage_run(parent, "embed-train", {"preset": preset, "force": force,
+                                                                **config.embed.model_dump()}) as run:
+                    trained = embed_train_task.with_options(**retries).submit(
+                        preset, data_dir, home, force and "embed-train" in selected, run.run_id).result()
+                results["embed-train"] = trained
+            if "embed" in selected:
+                with tracking.stage_run(parent, "embed", {"preset": preset, "force": force,
+                                                          **config.embed.model_dump()}) as run:
+                    results["embed"] = embed_task.with_options(**retries).submit(
+                        preset, data_dir, home, trained["checkpoint"], force, run.run_id).result()
+            if "retrieve" in selected:
+                with tracking.stage_run(parent, "retrieve", {"preset": preset, "force": force,
+                                                             **config.retrieve.model_dump()}) as run:
+                    results["retrieve"] = retrieve_task.with_options(**retries).submit(
+                        preset, data_dir, home, force, run.run_id).result()
         ok = True
     finally:
         tracking.end_run(parent, ok)

@@ -13,8 +13,13 @@ from prefect import get_run_logger, task
 
 from infra import tracking
 from infra.presets import load_preset
+from data_contracts import schemas
 from stages import ingest, sample_data
+from stages.common.arrow_io import read_table
 from stages.common.workspace import Workspace
+from stages.embed import stage as embed
+from stages.embed import train as embed_train
+from stages.retrieve import stage as retrieve
 from stages.segment import stage as segment
 from flows.progress import StageProgress
 
@@ -72,3 +77,65 @@ def segment_commit_task(home: str, plan, computed: list, run_id: str) -> dict:
 def split_shards(items: list, count: int) -> list[list]:
     """Round-robin split, so shards get similar mixes of long and short items."""
     return [items[i::count] for i in range(count) if items[i::count]]
+
+
+def _table(workspace: Workspace, name: str, stage: str):
+    path = workspace.table(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {name} table at {path}: run stage {stage} first")
+    return read_table(path, schemas.ALL[name])
+
+
+def _ground_truth(data_dir: str) -> Path | None:
+    """The data folder's optional events.jsonl (ground-truth events and captions)."""
+    path = Path(data_dir) / "events.jsonl"
+    return path if path.is_file() else None
+
+
+@task(name="embed-train")
+def embed_train_task(preset: str, data_dir: str, home: str, force: bool, run_id: str) -> dict:
+    config, workspace = load_preset(preset), Workspace(Path(home))
+    truth = _ground_truth(data_dir)
+    if truth is None and not config.embed.clip_checkpoint:
+        raise FileNotFoundError(f"embed-train needs event captions ({Path(data_dir) / 'events.jsonl'}) or a CLIP "
+                                "checkpoint (embed.clip_checkpoint in the preset)")
+    result = embed_train.run(config, truth, _table(workspace, "videos", "ingest"),
+                             _table(workspace, "questions", "ingest"), workspace, force=force)
+    scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    tracking.log_metrics(run_id, {**scalars, "trained": int(result.trained)})
+    tracking.log_curve(run_id, "loss", result.metrics.get("loss_curve", []), every=result.metrics.get("loss_every", 1))
+    if result.trained:
+        tracking.log_artifact_dir(run_id, result.checkpoint, "checkpoint")
+    get_run_logger().info("embed-train: %s (checkpoint %s)", scalars, result.checkpoint)
+    return {"checkpoint": str(result.checkpoint), "trained": result.trained, "metrics": scalars}
+
+
+@task(name="embed")
+def embed_task(preset: str, data_dir: str, home: str, checkpoint: str, force: bool, run_id: str) -> dict:
+    config, workspace = load_preset(preset), Workspace(Path(home))
+    result = embed.run(config, _table(workspace, "events", "segment"), _table(workspace, "videos", "ingest"),
+                       workspace, Path(checkpoint), ground_truth=_ground_truth(data_dir), force=force,
+                       progress=StageProgress("embed", unit="videos"))
+    tracking.log_metrics(run_id, {**result.counts, **result.metrics, "wrote": int(result.wrote),
+                                  "table_version": result.version or 0})
+    manifest = {"stage": "embed", "counts": result.counts, "metrics": result.metrics, "lancedb": str(result.db_path),
+                "table": result.table, "version": result.version}
+    tracking.log_json_artifact(run_id, "manifest.json", manifest)
+    get_run_logger().info("embed: %s %s", result.counts, result.metrics)
+    return manifest
+
+
+@task(name="retrieve")
+def retrieve_task(preset: str, data_dir: str, home: str, force: bool, run_id: str) -> dict:
+    config, workspace = load_preset(preset), Workspace(Path(home))
+    result = retrieve.run(config, _table(workspace, "questions", "ingest"), _table(workspace, "videos", "ingest"),
+                          workspace, ground_truth=_ground_truth(data_dir), force=force,
+                          progress=StageProgress("retrieve", unit="questions"))
+    recall = {f"{name}/{family}": value for family, scores in result.recall.items()
+              for name, value in scores.items()}
+    tracking.log_metrics(run_id, {**result.counts, **recall, "wrote": int(result.wrote)})
+    manifest = {"stage": "retrieve", "counts": result.counts, "recall": result.recall,
+                "outputs": {"memories": str(result.memories_path)}}
+    tracking.log_json_artifact(run_id, "manifest.json", manifest)
+    get_run_logger().info("retrieve: %s; recall %s", result.counts, result.recall)
+    return manifest

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +77,31 @@ def start_stage_run(parent_run_id: str, stage: str, params: dict[str, Any]) -> s
     return run.info.run_id
 
 
+def metric_key(name: str) -> str:
+    """MLflow keys allow letters, digits, _ - . / space and colon: `recall@1/shape` -> `recall_at_1/shape`."""
+    return re.sub(r"[^\w\-./ :]", "_", name.replace("@", "_at_"))
+
+
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics in one batch (None values are skipped)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(metric_key(k), float(v), now, step or 0) for k, v in metrics.items() if v is not None]
     client = _client()
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, float(value), step=step or 0)
+    for i in range(0, len(items), 1000):  # the REST API caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def log_curve(run_id: str, key: str, values: list[float], every: int = 1) -> None:
+    """A learning curve as one metric over steps 0, every, 2*every, ..."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(metric_key(key), float(v), now, i * every) for i, v in enumerate(values)]
+    client = _client()
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
 def log_json_artifact(run_id: str, name: str, payload: Any) -> None:
@@ -91,6 +114,10 @@ def log_json_artifact(run_id: str, name: str, payload: Any) -> None:
 
 def log_artifact_file(run_id: str, path: Path, artifact_path: str | None = None) -> None:
     _client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_artifact_dir(run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+    _client().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def end_run(run_id: str, ok: bool) -> None:

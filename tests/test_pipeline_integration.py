@@ -140,7 +140,12 @@ def test_full_pipeline_deployment_through_the_real_stack(stack):
     parent_id = parents[0]["info"]["run_id"]
     assert _tags(parents[0])["prefect.flow_run_id"]
     children = {_tags(r)["marc.stage"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parent_id}
-    assert {"ingest", "segment"} <= set(children)
+    assert set(children) == {"ingest", "segment", "embed-train", "embed", "retrieve"}
+    assert all(r["info"]["status"] == "FINISHED" for r in children.values())
+    retrieve_metrics = {m["key"]: m["value"] for m in children["retrieve"]["data"]["metrics"]}
+    assert retrieve_metrics["recall_at_3/shape"] >= 0.95 and retrieve_metrics["recall_at_1/colour"] >= 0.8
+    embed_metrics = {m["key"]: m["value"] for m in children["embed"]["data"]["metrics"]}
+    assert embed_metrics["events_per_second"] > 0
     segment_metrics = {m["key"]: m["value"] for m in children["segment"]["data"]["metrics"]}
     assert segment_metrics["computed"] == len(events) and segment_metrics["reused"] == 0
     assert segment_metrics["events"] == sum(len(e["events"]) for e in events)
@@ -179,6 +184,9 @@ def test_rerun_reuses_everything_and_changes_touch_only_their_videos(stack):
     counts = _stage_metrics(uri, "segment")
     assert counts["computed"] == 0 and counts["removed"] == 0 and counts["reused"] == counts["videos"]
     assert events_table.read_bytes() == before
+    for stage in ("embed", "retrieve"):  # downstream of unchanged items: nothing to do either
+        assert _stage_metrics(uri, stage)["computed"] == 0, stage
+    assert _stage_metrics(uri, "embed-train")["trained"] == 0
 
     # Replace one video, add one, delete one; ingest the folder again, then rerun marc/segment alone.
     videos = sorted((home / "sample-data" / "videos").glob("*.mp4"))
