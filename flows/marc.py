@@ -19,6 +19,9 @@ from infra import stack, tracking
 from infra.home import marc_home, sample_data_dir
 from infra.presets import DEFAULT_PRESET, load_preset
 from flows.tasks import (
+    rollout_task,
+    train_task,
+    warmup_task,
     embed_task,
     embed_train_task,
     retrieve_task,
@@ -30,7 +33,7 @@ from flows.tasks import (
     segment_shard_task,
 )
 
-STAGES: tuple[str, ...] = ("ingest", "segment", "embed-train", "embed", "retrieve")
+STAGES: tuple[str, ...] = ("ingest", "segment", "embed-train", "embed", "retrieve", "warmup", "rollout", "train")
 """Stages in pipeline order; each has a deployment `marc/<stage>` in prefect.yaml."""
 
 _FORWARDED_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
@@ -106,6 +109,27 @@ def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: s
                                                              **config.retrieve.model_dump()}) as run:
                     results["retrieve"] = retrieve_task.with_options(**retries).submit(
                         preset, data_dir, home, force, run.run_id).result()
+            # The teacher's checkpoint: warmup returns the cached one (or the preset's pretrained path)
+            # when nothing it reads changed, so rollout or train alone cost no warm-up.
+            if {"warmup", "rollout", "train"} & set(selected):
+                with tracking.stage_run(parent, "warmup", {"preset": preset, "force": force,
+                                                           **config.warmup.model_dump(), **config.model.model_dump()}) as run:
+                    teacher = warmup_task.with_options(**retries).submit(
+                        preset, data_dir, home, "teacher", force and "warmup" in selected, run.run_id).result()
+                results["warmup"] = teacher
+        # Rollout and train start Ray tasks and Ray Train workers of their own: their Prefect tasks
+        # hold no CPU, or on a 2-CPU cluster the workers would wait for the task that waits for them.
+        with remote_options(num_cpus=0, num_gpus=0):
+            if "rollout" in selected or "train" in selected:
+                with tracking.stage_run(parent, "rollout", {"preset": preset, "force": force,
+                                                            **config.rollout.model_dump()}) as run:
+                    results["rollout"] = rollout_task.with_options(**retries).submit(
+                        preset, home, teacher["checkpoint"], force and "rollout" in selected, run.run_id).result()
+            if "train" in selected:
+                with tracking.stage_run(parent, "train", {"preset": preset, "force": force,
+                                                          **config.train.model_dump()}) as run:
+                    results["train"] = train_task.with_options(**retries).submit(
+                        preset, home, teacher["checkpoint"], force, run.run_id).result()
         ok = True
     finally:
         tracking.end_run(parent, ok)

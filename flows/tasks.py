@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from infra import tracking
+from infra import stack, tracking
 from infra.presets import load_preset
 from data_contracts import schemas
 from stages import ingest, sample_data
@@ -20,6 +20,9 @@ from stages.common.workspace import Workspace
 from stages.embed import stage as embed
 from stages.embed import train as embed_train
 from stages.retrieve import stage as retrieve
+from stages.rollout import stage as rollout
+from stages.train import stage as train
+from stages.warmup import stage as warmup
 from stages.segment import stage as segment
 from flows.progress import StageProgress
 
@@ -139,3 +142,55 @@ def retrieve_task(preset: str, data_dir: str, home: str, force: bool, run_id: st
     tracking.log_json_artifact(run_id, "manifest.json", manifest)
     get_run_logger().info("retrieve: %s; recall %s", result.counts, result.recall)
     return manifest
+
+
+def cluster_gpus(preset: str) -> int:
+    """GPUs per model task from the preset, checked against the connected Ray cluster (fails at once)."""
+    import ray
+
+    return stack.require_gpus(load_preset(preset).compute.gpus_per_task, ray.cluster_resources())
+
+
+@task(name="warmup")
+def warmup_task(preset: str, data_dir: str, home: str, mode: str, force: bool, run_id: str) -> dict:
+    config, workspace = load_preset(preset), Workspace(Path(home))
+    logger = get_run_logger()
+    result = warmup.run(config, Path(data_dir), workspace, mode=mode, force=force,
+                        progress=StageProgress(f"warmup-{mode}", unit="steps"), log=logger.info)
+    tracking.log_metrics(run_id, {**result.metrics, "skipped": int(result.skipped), "cached": int(result.cached)})
+    for row in result.curves:  # loss and held-out accuracy against steps (minutes are a column too)
+        step = int(row.get("step", 0))
+        tracking.log_metrics(run_id, {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
+                             step=step)
+    if not (result.skipped or result.cached):
+        tracking.log_json_artifact(run_id, "curves.json", result.curves)
+    logger.info("warmup (%s): %s", mode, result.metrics)
+    return {"checkpoint": str(result.checkpoint_dir), "metrics": result.metrics, "cached": result.cached}
+
+
+@task(name="rollout")
+def rollout_task(preset: str, home: str, teacher_dir: str, force: bool, run_id: str) -> dict:
+    config, workspace = load_preset(preset), Workspace(Path(home))
+    result = rollout.run(config, workspace, teacher_dir, force=force, use_ray=True, num_gpus=cluster_gpus(preset),
+                         progress=StageProgress("rollout", unit="questions"))
+    tracking.log_metrics(run_id, {k: v for k, v in result.counts.items() if isinstance(v, (int, float))})
+    manifest = {"stage": "rollout", "counts": result.counts, "outputs": {"rollouts": str(result.path)}}
+    tracking.log_json_artifact(run_id, "manifest.json", manifest)
+    get_run_logger().info("rollout: %s", result.counts)
+    return manifest
+
+
+@task(name="train")
+def train_task(preset: str, home: str, teacher_dir: str, force: bool, run_id: str) -> dict:
+    config, workspace = load_preset(preset), Workspace(Path(home))
+    result = train.run(config, workspace, teacher_dir, use_ray=True, num_gpus=cluster_gpus(preset),
+                       on_metrics=tracking.RunMetrics(run_id), force=force)
+    counts = {k: v for k, v in result.counts.items() if isinstance(v, (int, float))}
+    tracking.log_metrics(run_id, {**counts, "steps": result.steps, "resumed_from": result.resumed_from,
+                                  "cached": int(result.cached)})
+    if not result.cached:
+        tracking.log_artifact_dir(run_id, result.student_dir, "student")
+        tracking.register_model(run_id, "student", "marc-student")
+    get_run_logger().info("train: %d steps (resumed from %d) -> %s", result.steps, result.resumed_from,
+                          result.student_dir)
+    return {"student": str(result.student_dir), "steps": result.steps, "metrics": result.metrics}

@@ -157,3 +157,27 @@ class stage_run:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         end_run(self.run_id, ok=exc_type is None)
+
+
+class RunMetrics:
+    """A picklable `on_metrics(step, metrics)` callback that logs to one MLflow run (used by rank 0
+    of Ray Train workers, which get MLFLOW_TRACKING_URI from the job's runtime env)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        log_metrics(self.run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v == v},
+                    step=step)
+
+
+def register_model(run_id: str, artifact_path: str, name: str) -> str:
+    """Register the run's artifact folder as a new version of model `name`; returns the version."""
+    client = _client()
+    try:
+        client.create_registered_model(name)
+    except Exception:  # already registered: add a version
+        pass
+    run = client.get_run(run_id)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id)
+    return version.version

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# cpu-tiny with a handful of steps per stage: every stage runs, through the real stack, in minutes.
+PRESET = str(PROJECT_ROOT / "tests" / "presets" / "ci-tiny.yaml")
 
 
 def _free_port() -> int:
@@ -122,7 +124,8 @@ def test_full_pipeline_deployment_through_the_real_stack(stack):
     client = Shell(env)
 
     # Exactly what a user types, from a plain shell with the stack's env.
-    run = client(str(BIN / "prefect"), "deployment", "run", "marc/full-pipeline", "--watch")
+    run = client(str(BIN / "prefect"), "deployment", "run", "marc/full-pipeline", "--param", f"preset={PRESET}",
+                 "--watch")
     assert "Completed" in run.stdout or "COMPLETED" in run.stdout.upper(), run.stdout[-3000:]
 
     # The sample set was generated under MARC_HOME and ingested.
@@ -140,7 +143,7 @@ def test_full_pipeline_deployment_through_the_real_stack(stack):
     parent_id = parents[0]["info"]["run_id"]
     assert _tags(parents[0])["prefect.flow_run_id"]
     children = {_tags(r)["marc.stage"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parent_id}
-    assert set(children) == {"ingest", "segment", "embed-train", "embed", "retrieve"}
+    assert set(children) == {"ingest", "segment", "embed-train", "embed", "retrieve", "warmup", "rollout", "train"}
     assert all(r["info"]["status"] == "FINISHED" for r in children.values())
     retrieve_metrics = {m["key"]: m["value"] for m in children["retrieve"]["data"]["metrics"]}
     assert retrieve_metrics["recall_at_3/shape"] >= 0.95 and retrieve_metrics["recall_at_1/colour"] >= 0.8
@@ -154,15 +157,21 @@ def test_full_pipeline_deployment_through_the_real_stack(stack):
     assert metrics["videos"] == len(events) and metrics["rejects"] == 0
     assert metrics["questions"] == sum(1 for _ in (home / "sample-data" / "questions.jsonl").open())
     params = {p["key"]: p["value"] for p in ingest_run["data"]["params"]}
-    assert params["preset"] == "cpu-tiny" and "video_extensions" in params
+    assert params["preset"] == PRESET and "video_extensions" in params
+    # Training logged per-step metrics with TRL's names and registered the student.
+    train_metrics = {m["key"] for m in children["train"]["data"]["metrics"]}
+    assert {"loss", "kl", "reward", "clip_ratio", "frac_reward_zero_std"} <= train_metrics, train_metrics
+    model = _mlflow(uri, "registered-models/get", params={"name": "marc-student"})["registered_model"]
+    assert model["latest_versions"][0]["run_id"] == children["train"]["info"]["run_id"]
     artifacts = _mlflow(uri, "artifacts/list", params={"run_id": ingest_run["info"]["run_id"]})
     assert "manifest.json" in [f["path"] for f in artifacts.get("files", [])]
 
     # `marc run --stage ingest` triggers the per-stage deployment and exits 0; a bad folder exits non-zero.
-    again = client(str(BIN / "marc"), "run", "--stage", "ingest")
+    again = client(str(BIN / "marc"), "run", "--stage", "ingest", "--preset", PRESET)
     assert "completed" in again.stdout
     assert len([r for r in _runs(uri) if _tags(r).get("marc.kind") == "pipeline"]) == 2
-    broken = client(str(BIN / "marc"), "run", "--stage", "ingest", "--data", str(home / "no-such-folder"), check=False)
+    broken = client(str(BIN / "marc"), "run", "--stage", "ingest", "--preset", PRESET, "--data",
+                    str(home / "no-such-folder"), check=False)
     assert broken.returncode != 0 and "FAILED" in broken.stdout
 
 
@@ -180,21 +189,22 @@ def test_rerun_reuses_everything_and_changes_touch_only_their_videos(stack):
     events_table = home / "tables" / "events.arrow"
     before = events_table.read_bytes()
 
-    client(str(BIN / "prefect"), "deployment", "run", "marc/full-pipeline", "--watch")
+    client(str(BIN / "prefect"), "deployment", "run", "marc/full-pipeline", "--param", f"preset={PRESET}", "--watch")
     counts = _stage_metrics(uri, "segment")
     assert counts["computed"] == 0 and counts["removed"] == 0 and counts["reused"] == counts["videos"]
     assert events_table.read_bytes() == before
     for stage in ("embed", "retrieve"):  # downstream of unchanged items: nothing to do either
         assert _stage_metrics(uri, stage)["computed"] == 0, stage
     assert _stage_metrics(uri, "embed-train")["trained"] == 0
+    assert _stage_metrics(uri, "warmup")["cached"] == 1 and _stage_metrics(uri, "train")["cached"] == 1
 
     # Replace one video, add one, delete one; ingest the folder again, then rerun marc/segment alone.
     videos = sorted((home / "sample-data" / "videos").glob("*.mp4"))
     videos[0].write_bytes(videos[1].read_bytes())
     (home / "sample-data" / "videos" / "extra.mp4").write_bytes(videos[2].read_bytes())
     videos[3].unlink()
-    client(str(BIN / "marc"), "run", "--stage", "ingest")
-    client(str(BIN / "prefect"), "deployment", "run", "marc/segment", "--watch")
+    client(str(BIN / "marc"), "run", "--stage", "ingest", "--preset", PRESET)
+    client(str(BIN / "prefect"), "deployment", "run", "marc/segment", "--param", f"preset={PRESET}", "--watch")
     counts = _stage_metrics(uri, "segment")
     assert (counts["computed"], counts["removed"]) == (2, 1), counts
     keys = [json.loads(l)["event_key"] for l in client(str(BIN / "marc"), "show", "events", "--format", "jsonl").stdout.splitlines()]

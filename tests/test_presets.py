@@ -62,3 +62,21 @@ def test_odd_frame_cap_is_refused():
     raw["retrieve"]["max_frames"] = 63
     with pytest.raises(ValueError, match="even"):
         PipelineConfig.model_validate(raw)
+
+
+def test_prefect_yaml_has_a_deployment_per_stage():
+    from flows.marc import STAGES
+
+    spec = yaml.safe_load((PRESETS_DIR.parents[1] / "prefect.yaml").read_text())
+    names = {d["name"] for d in spec["deployments"]}
+    assert names == {"full-pipeline", *STAGES}
+    for d in spec["deployments"]:
+        assert d["entrypoint"] == "flows/marc.py:marc" and d["work_pool"]["name"] == "marc-local"
+        assert d["parameters"]["stages"] in (None, [d["name"]])
+
+
+def test_ci_preset_is_valid():
+    from pathlib import Path
+
+    config = load_preset(str(Path(__file__).parent / "presets" / "ci-tiny.yaml"))
+    assert config.train.steps <= 5 and config.warmup.caption_steps <= 5
