@@ -418,8 +418,17 @@ def _udp_bound(pids: set[int]) -> list[tuple[int, str]]:
 _LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
 
 
+TCPSTORE_FINDING = (
+    "found by this test: during `train`, a Ray Train worker (torch.distributed's TCPStore rendezvous for the "
+    "gloo group) listens on '::' (all interfaces); torch gives the store no bind address. Open: see issue #8 notes")
+
+
 @pytest.mark.integration
-def test_no_listening_socket_off_loopback_while_a_flow_runs(tmp_path):
+@pytest.mark.parametrize("stages", [
+    pytest.param(["ingest", "segment", "embed-train", "embed", "retrieve", "warmup", "rollout"], id="through-rollout"),
+    pytest.param(["train"], id="train", marks=pytest.mark.xfail(strict=True, reason=TCPSTORE_FINDING)),
+])
+def test_no_listening_socket_off_loopback_while_a_flow_runs(tmp_path, stages):
     stack = PrivateStack("ms-")
     try:
         stack.up()
@@ -439,8 +448,17 @@ def test_no_listening_socket_off_loopback_while_a_flow_runs(tmp_path):
         ports = {int(stack.env[k].rsplit(":", 1)[1].split("/")[0]) for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI",
                                                                                "MARC_RAY_ADDRESS")}
         assert ports <= {port for _, _, port in seen}, seen
+        # Every stage (ci-tiny: a few steps each), so Ray Train workers and rollout tasks are sampled too.
+        preset = str(Path(__file__).parent / "presets" / "ci-tiny.yaml")
+        if stages == ["train"]:  # train needs what the stages before it made: run them first, unobserved
+            before = json.dumps(["ingest", "segment", "embed-train", "embed", "retrieve", "warmup", "rollout"])
+            subprocess.run([str(BIN / "prefect"), "deployment", "run", "marc/full-pipeline", "--param", f"data_dir={data}",
+                            "--param", f"preset={preset}", "--param", f"stages={before}", "--watch"], env=stack.env,
+                           check=True, capture_output=True)
         proc = subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "marc/full-pipeline", "--param",
-                                 f"data_dir={data}", "--watch"], env=stack.env, stdout=subprocess.PIPE,
+                                 f"data_dir={data}", "--param", f"preset={preset}", "--param",
+                                 f"stages={json.dumps(stages)}", "--watch"], env=stack.env,
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         while proc.poll() is None:
             sample()
