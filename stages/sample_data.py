@@ -144,7 +144,11 @@ def shape_mask(shape: str, cx: float, cy: float, size: int, width: int, height: 
     """Boolean (height, width) mask of a filled shape of side/diameter `size` centred at (cx, cy)."""
     # Sample at pixel centres so a centre at a half-integer gives a symmetric shape.
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
-    dx, dy = xs - cx, ys - cy
+    return shape_mask_at(shape, xs - cx, ys - cy, size)
+
+
+def shape_mask_at(shape: str, dx: np.ndarray, dy: np.ndarray, size: int) -> np.ndarray:
+    """The shape test on pixel offsets (dx, dy) from the shape's centre."""
     h = size / 2.0
     if shape == "circle":
         return dx * dx + dy * dy <= h * h

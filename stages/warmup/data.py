@@ -139,26 +139,13 @@ def render_at(plan: list[eq.Event], timestamps: list[float], fps: float, width: 
         n = e.end_frame - e.start_frame
         a = (k - e.start_frame) / (n - 1) if n > 1 else 0.0
         (x0, y0), (x1, y1) = e.start_xy, e.end_xy
-        masks[i] = _mask(e.shape, xs - np.float32(x0 + a * (x1 - x0)), ys - np.float32(y0 + a * (y1 - y0)), side)
+        masks[i] = eq.shape_mask_at(e.shape, xs - np.float32(x0 + a * (x1 - x0)), ys - np.float32(y0 + a * (y1 - y0)), side)
         colours[i] = (eq.PALETTE[e.background], eq.PALETTE[e.colour])
     # Fraction of each output pixel inside the shape (torch: numpy's BLAS stalls on small matrices here).
     rh, rw = torch.from_numpy(_area_matrix(height, size)), torch.from_numpy(_area_matrix(width, size))
     cover = (rh @ torch.from_numpy(masks) @ rw.T).numpy()[..., None]  # [N, size, size, 1]
     bg, fg = colours[:, None, None, 0], colours[:, None, None, 1]
     return np.clip(np.rint(bg + cover * (fg - bg)), 0, 255).astype(np.uint8)
-
-
-def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, size: int) -> np.ndarray:
-    """`sample_data.shape_mask` on precomputed pixel-centre offsets (the same formulas; tested equal)."""
-    h = size / 2.0
-    if shape == "circle":
-        return dx * dx + dy * dy <= h * h
-    if shape == "square":
-        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= h
-    t = (dy + h) / size  # triangle, apex up
-    return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * h)
 
 
 def event_rows(events: list[eq.Event], fps: float) -> list[dict]:
