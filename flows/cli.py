@@ -29,6 +29,7 @@ def _use_stack_env() -> dict[str, str]:
     env = stack.client_env()
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # no telemetry notice (and nothing to send it to here)
     return env
 
 
