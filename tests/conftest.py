@@ -184,3 +184,27 @@ class PrivateStack:
         left = {p: cmdline(p) for p in before if pid_alive(p)}
         assert down.returncode == 0, down.stdout + down.stderr
         assert not left, f"marc down left processes behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs on 127.0.0.1 only, shut down with ray.shutdown() (never `ray stop`)."""
+    import shutil
+    import tempfile
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported...
+        mp.setenv("RAY_SCHEDULER_EVENTS", "0")
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+        from ray._private import ray_constants
+
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # ...which may have happened before this fixture
+        temp = tempfile.mkdtemp(prefix="marc-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
+            assert ray.util.get_node_ip_address() == "127.0.0.1"
+            yield ray
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import pytest
@@ -118,26 +117,6 @@ def test_asking_for_a_missing_gpu_fails_at_once(setup):
     with pytest.raises(RuntimeError, match="asks for 1 GPU.*compute.gpus_per_task"):
         stage.run(config, ws, teacher)
     assert time.perf_counter() - t0 < 5  # at once: before any model is loaded
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray of 2 CPUs on 127.0.0.1 only, shut down with ray.shutdown()."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setenv("RAY_SCHEDULER_EVENTS", "0")
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
-        from ray._private import ray_constants
-
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        temp = tempfile.mkdtemp(prefix="marc-ro-", dir="/tmp")
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
-            yield ray
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.integration

@@ -2,8 +2,6 @@
 (a worker SIGKILLs itself), resume from the last complete checkpoint, and exact equality with an
 uninterrupted run of the same seed."""
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -96,27 +94,6 @@ def test_several_updates_per_batch(tmp_path):
 
 
 # ------------------------------------------------------------------------------ Ray Train, 2 workers
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray of 2 CPUs bound to 127.0.0.1 only, shut down (ray.shutdown) after the module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported...
-        mp.setenv("RAY_SCHEDULER_EVENTS", "0")
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
-        from ray._private import ray_constants
-
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # ...which may have happened before this fixture
-        temp = tempfile.mkdtemp(prefix="marc-rt-", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
-            assert ray.util.get_node_ip_address() == "127.0.0.1"
-            yield ray
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.integration

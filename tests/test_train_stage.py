@@ -9,7 +9,6 @@ is covered on the toy policy by tests/test_train_engine.py.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 
 import pyarrow as pa
@@ -121,26 +120,6 @@ def test_memories_table_replaces_ground_truth(setup, tmp_path):
         assert student_memory(question, retrieved) == Memory([0.5, 1.5, 2.5], [1, 2])
     finally:
         ws.table("memories").unlink()
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray of 2 CPUs on 127.0.0.1 only, shut down with ray.shutdown()."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setenv("RAY_SCHEDULER_EVENTS", "0")
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
-        from ray._private import ray_constants
-
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        temp = tempfile.mkdtemp(prefix="marc-ts-", dir="/tmp")
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
-            yield ray
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.integration
