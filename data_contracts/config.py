@@ -336,6 +336,19 @@ class EvaluateConfig(_Section):
     """0 means greedy decoding, the same for every arm."""
     max_new_tokens: int = Field(48, ge=1)
     """Completion length cap."""
+    batch_size: int = Field(16, ge=1)
+    """Questions answered together per arm; only speed depends on it."""
+    seed: int = 0
+    """Torch seed before each batch; only matters when temperature > 0."""
+    arms: list[str] = []
+    """Arms to run (names in stages/evaluate/arms.py: teacher_full, teacher_quarter, teacher_1group,
+    teacher_vmr, merge_uniform, vmr_compress, sft_student, cgrpo_student); empty runs all of them."""
+    profile_questions: int = Field(4, ge=0)
+    """Test questions (spread over families) each arm is timed and memory-profiled on, at batch 1; 0 skips."""
+    latency_new_tokens: int = Field(32, ge=1)
+    """New tokens every arm decodes when timed, so arms that answer briefly are not flattered."""
+    latency_repeats: int = Field(3, ge=1)
+    """Timed runs per question and arm; the report keeps the fastest (least disturbed)."""
 
 
 class ComputeConfig(_Section):

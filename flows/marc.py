@@ -8,6 +8,7 @@ stage's plain `run(...)`, and records its counts and manifest in a nested MLflow
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -16,9 +17,12 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from infra import stack, tracking
-from infra.home import marc_home, sample_data_dir
+from infra.home import dataset_home, marc_home, sample_data_dir
 from infra.presets import DEFAULT_PRESET, load_preset
+from stages.common.workspace import Workspace
+from stages.embed import train as embed_train
 from flows.tasks import (
+    evaluate_task,
     rollout_task,
     train_task,
     warmup_task,
@@ -33,7 +37,8 @@ from flows.tasks import (
     segment_shard_task,
 )
 
-STAGES: tuple[str, ...] = ("ingest", "segment", "embed-train", "embed", "retrieve", "warmup", "rollout", "train")
+STAGES: tuple[str, ...] = ("ingest", "segment", "embed-train", "embed", "retrieve", "warmup", "rollout", "train",
+                           "evaluate")
 """Stages in pipeline order; each has a deployment `marc/<stage>` in prefect.yaml."""
 
 _FORWARDED_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")
@@ -58,6 +63,10 @@ def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: s
             set under MARC_HOME, generated first if missing.
         preset: a preset name under infra/presets or a YAML path.
         force: recompute every item instead of reusing unchanged ones.
+
+    `stages=["evaluate"]` with a `data_dir` scores the current checkpoints on that folder's test
+    split without retraining: the folder gets a workspace of its own (MARC_HOME/datasets/<name>),
+    is ingested, segmented, embedded with the trained visual tower and retrieved there first.
     """
     logger = get_run_logger()
     selected = [s for s in STAGES if stages is None or s in stages]
@@ -65,7 +74,11 @@ def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: s
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; this pipeline has {list(STAGES)}")
     config = load_preset(preset)
-    home = str(marc_home())
+    home = model_home = str(marc_home())
+    evaluate_only = data_dir is not None and selected == ["evaluate"]
+    if evaluate_only:  # a new data set: its own tables, the models of MARC_HOME
+        home = str(dataset_home(Path(data_dir)))
+        selected = ["ingest", "segment", "embed", "retrieve", "evaluate"]
     parent = tracking.start_parent_run(
         str(flow_run.id), str(flow_run.name),
         {"preset": preset, "stages": ",".join(selected), "data_dir": data_dir or "(sample)", "force": force,
@@ -93,7 +106,12 @@ def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: s
                                                                     run.run_id).result()
             # embed needs the visual tower's checkpoint: embed-train returns the cached one when
             # nothing it reads changed, so running only `embed` costs no training.
-            if "embed-train" in selected or "embed" in selected:
+            if evaluate_only:
+                tower = embed_train.latest_checkpoint(Workspace(Path(model_home)))
+                if tower is None and not config.embed.clip_checkpoint:
+                    raise FileNotFoundError(f"no trained visual tower under {model_home}: run the pipeline first")
+                trained = {"checkpoint": str(tower)}
+            elif "embed-train" in selected or "embed" in selected:
                 with tracking.stage_run(parent, "embed-train", {"preset": preset, "force": force,
                                                                 **config.embed.model_dump()}) as run:
                     trained = embed_train_task.with_options(**retries).submit(
@@ -130,6 +148,19 @@ def marc(stages: list[str] | None = None, data_dir: str | None = None, preset: s
                                                           **config.train.model_dump()}) as run:
                     results["train"] = train_task.with_options(**retries).submit(
                         preset, home, teacher["checkpoint"], force, run.run_id).result()
+        if "evaluate" in selected and not evaluate_only:  # the SFT student is one of evaluate's arms
+            with remote_options(num_cpus=config.compute.cpus_per_task, num_gpus=0):
+                with tracking.stage_run(parent, "warmup-student", {"preset": preset, "force": force,
+                                                                   **config.warmup.model_dump()}) as run:
+                    results["warmup-student"] = warmup_task.with_options(**retries).submit(
+                        preset, data_dir, home, "student", force, run.run_id).result()
+        if "evaluate" in selected:
+            with remote_options(num_cpus=0, num_gpus=0):  # its arms are Ray tasks of their own
+                with tracking.stage_run(parent, "evaluate", {"preset": preset, "data_dir": data_dir,
+                                                             **config.evaluate.model_dump()}) as run:
+                    report_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{flow_run.name}"
+                    results["evaluate"] = evaluate_task.with_options(**retries).submit(
+                        preset, home, model_home, data_dir, report_id, run.run_id).result()
         ok = True
     finally:
         tracking.end_run(parent, ok)

@@ -19,6 +19,7 @@ from stages.common.arrow_io import read_table
 from stages.common.workspace import Workspace
 from stages.embed import stage as embed
 from stages.embed import train as embed_train
+from stages.evaluate import stage as evaluate
 from stages.retrieve import stage as retrieve
 from stages.rollout import stage as rollout
 from stages.train import stage as train
@@ -194,3 +195,29 @@ def train_task(preset: str, home: str, teacher_dir: str, force: bool, run_id: st
     get_run_logger().info("train: %d steps (resumed from %d) -> %s", result.steps, result.resumed_from,
                           result.student_dir)
     return {"student": str(result.student_dir), "steps": result.steps, "metrics": result.metrics}
+
+
+@task(name="evaluate")
+def evaluate_task(preset: str, home: str, model_home: str, data_label: str, report_id: str, run_id: str) -> dict:
+    """Every arm on the test split of the data in `home`, with the checkpoints of `model_home`."""
+    from prefect.artifacts import create_markdown_artifact
+
+    config = load_preset(preset)
+    checkpoints = evaluate.Checkpoints.from_workspace(config, Workspace(Path(model_home)))
+    result = evaluate.run(config, Workspace(Path(home)), checkpoints, use_ray=True, num_gpus=cluster_gpus(preset),
+                          progress=StageProgress("evaluate", unit="answers"), report_id=report_id,
+                          data_label=data_label, reports_root=Path(model_home) / "reports")
+    metrics = {}
+    for name, arm in result.report["arms"].items():
+        metrics.update({f"{name}/acc/{f}": a for f, a in arm["accuracy"].items()})
+        metrics.update({f"{name}/retention/{f}": r for f, r in arm["retention"].items() if r is not None})
+        metrics.update({f"{name}/format_rate": arm["format_rate"], f"{name}/visual_tokens": arm["visual_tokens"]})
+        if arm["peak_forward_bytes"] is not None:
+            metrics[f"{name}/peak_forward_mb"] = arm["peak_forward_bytes"] / 2**20
+        metrics.update({f"{name}/latency_ms/{k}": 1000 * v for k, v in arm["latency_s"].items()})
+    tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+    tracking.log_artifact_dir(run_id, result.report_dir, "report")
+    create_markdown_artifact(result.markdown, key="marc-report", description="MARC evaluation report")
+    get_run_logger().info("evaluate: report %s; goals %s", result.report_dir,
+                          [(g["goal"], g["met"]) for g in result.report["goals"]])
+    return {"report_dir": str(result.report_dir), "latest": str(result.latest_dir), "goals": result.report["goals"]}

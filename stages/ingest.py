@@ -99,7 +99,7 @@ def run(config: PipelineConfig, data_dir: Path, workspace: Workspace,
     for i, (rel, media_type) in enumerate(sorted(wanted.items()), start=1):
         path = data_dir / rel
         try:
-            row, missing = _probe(path, rel, media_type, cfg.max_decode_probe_frames)
+            row, missing = media_row(path, rel, media_type, cfg.max_decode_probe_frames)
             video_rows.append(row)
             if missing:  # kept: segment uses what is there; the user learns what is not
                 rejects.add(f"video {rel}: truncated: the container lists {row['frame_count'] + missing} frames "
@@ -144,7 +144,7 @@ def run(config: PipelineConfig, data_dir: Path, workspace: Workspace,
     return IngestResult(videos, questions, rejects_table, counts, outputs)
 
 
-def _probe(path: Path, rel: str, media_type: str, decode_frames: int) -> tuple[dict, int]:
+def media_row(path: Path, rel: str, media_type: str, decode_frames: int) -> tuple[dict, int]:
     """The videos-table row of one media file, and how many frames its index lists beyond its end."""
     row = dict(video_id=rel, path=str(path), media_type=media_type, content_sha256=sha256_of(path),
                size_bytes=path.stat().st_size, rotation=0, fps=None, start_time=None, duration=None,

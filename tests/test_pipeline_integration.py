@@ -143,7 +143,8 @@ def test_full_pipeline_deployment_through_the_real_stack(stack):
     parent_id = parents[0]["info"]["run_id"]
     assert _tags(parents[0])["prefect.flow_run_id"]
     children = {_tags(r)["marc.stage"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parent_id}
-    assert set(children) == {"ingest", "segment", "embed-train", "embed", "retrieve", "warmup", "rollout", "train"}
+    assert set(children) == {"ingest", "segment", "embed-train", "embed", "retrieve", "warmup", "rollout", "train",
+                             "warmup-student", "evaluate"}
     assert all(r["info"]["status"] == "FINISHED" for r in children.values())
     retrieve_metrics = {m["key"]: m["value"] for m in children["retrieve"]["data"]["metrics"]}
     assert retrieve_metrics["recall_at_3/shape"] >= 0.95 and retrieve_metrics["recall_at_1/colour"] >= 0.8
@@ -166,10 +167,39 @@ def test_full_pipeline_deployment_through_the_real_stack(stack):
     artifacts = _mlflow(uri, "artifacts/list", params={"run_id": ingest_run["info"]["run_id"]})
     assert "manifest.json" in [f["path"] for f in artifacts.get("files", [])]
 
+    # Evaluate: every arm in report.json (latest), the report and its plots on the MLflow run, and the
+    # Markdown report as a Prefect artifact of the flow run.
+    report = json.loads((home / "reports" / "latest" / "report.json").read_text())
+    assert set(report["arms"]) == {"teacher_full", "teacher_quarter", "teacher_1group", "teacher_vmr",
+                                   "merge_uniform", "vmr_compress", "sft_student", "cgrpo_student"}
+    assert all(a["questions"] == report["questions"] > 0 and a["latency_s"] for a in report["arms"].values())
+    assert report["arms"]["cgrpo_student"]["visual_token_ratio"] < 0.2
+    eval_run = children["evaluate"]["info"]["run_id"]
+    files = {f["path"] for f in _mlflow(uri, "artifacts/list", params={"run_id": eval_run, "path": "report"})["files"]}
+    assert {"report/report.md", "report/report.json", "report/accuracy_vs_tokens.png", "report/latency.png",
+            "report/training.png"} <= files, files
+    eval_metrics = {m["key"] for m in children["evaluate"]["data"]["metrics"]}
+    assert {"cgrpo_student/acc/overall", "teacher_full/latency_ms/end_to_end", "sft_student/visual_tokens"} <= eval_metrics
+    flow_run_id = _tags(parents[0])["prefect.flow_run_id"]
+    found = requests.post(f"{env['PREFECT_API_URL']}/artifacts/filter", timeout=30,
+                          json={"artifacts": {"key": {"any_": ["marc-report"]}}}).json()
+    assert any(a["flow_run_id"] == flow_run_id and "cgrpo_student" in a["data"] for a in found), found
+
+    # A new data folder is scored as it is: own tables, the trained models, no training.
+    fresh = home / "fresh-data"
+    client(str(BIN / "marc"), "sample-data", str(fresh), "--videos", "2", "--seed", "5", "--test-fraction", "1.0")
+    scored = client(str(BIN / "marc"), "run", "--stage", "evaluate", "--preset", PRESET, "--data", str(fresh))
+    assert "completed" in scored.stdout, scored.stdout[-3000:]
+    report = json.loads((home / "reports" / "latest" / "report.json").read_text())
+    assert report["data"] == str(fresh.resolve()) and report["questions"] == sum(
+        1 for _ in (fresh / "questions.jsonl").open())
+    assert {_tags(r)["marc.stage"] for r in _runs(uri) if _tags(r).get("marc.stage")} >= {"evaluate"}
+    assert len([r for r in _runs(uri) if _tags(r).get("marc.stage") == "train"]) == 1  # nothing retrained
+
     # `marc run --stage ingest` triggers the per-stage deployment and exits 0; a bad folder exits non-zero.
     again = client(str(BIN / "marc"), "run", "--stage", "ingest", "--preset", PRESET)
     assert "completed" in again.stdout
-    assert len([r for r in _runs(uri) if _tags(r).get("marc.kind") == "pipeline"]) == 2
+    assert len([r for r in _runs(uri) if _tags(r).get("marc.kind") == "pipeline"]) == 3  # + the evaluate run
     broken = client(str(BIN / "marc"), "run", "--stage", "ingest", "--preset", PRESET, "--data",
                     str(home / "no-such-folder"), check=False)
     assert broken.returncode != 0 and "FAILED" in broken.stdout

@@ -259,6 +259,12 @@ def run(config: PipelineConfig, ground_truth: Path, videos: pa.Table, questions:
     return TrainResult(_save(tower, folder, fp, metrics), metrics, trained=True)
 
 
+def latest_checkpoint(workspace: Workspace) -> Path | None:
+    """The most recently trained visual tower of this workspace (for data evaluated without retraining)."""
+    done = [p.parent for p in (workspace.home / "checkpoints" / "embed").glob(f"*/{MANIFEST}")]
+    return max(done, key=lambda p: (p / MANIFEST).stat().st_mtime) if done else None
+
+
 def _recall(tower, text, pairs: Pairs, text_vectors, video_rows, cfg, workspace, name: str) -> dict:
     """Within-video recall@1/@3 of every (text, event) positive, frames picked as stage embed picks them."""
     vectors = tower.encode_events(event_frames(pairs.events, video_rows, cfg.frames_per_event, cfg.frame_size,

@@ -102,6 +102,7 @@ def run(config: PipelineConfig, workspace: Workspace, teacher_dir: str | Path, u
 
     done = _completed(run_dir, student_dir, cfg.steps)
     if done is not None:
+        _point_latest(workspace, student_dir, run_dir)
         return TrainResult(student_dir, done["metrics"], done["step"], done["step"], run_dir, cached=True,
                            counts=counts)
 
@@ -110,8 +111,32 @@ def run(config: PipelineConfig, workspace: Workspace, teacher_dir: str | Path, u
     result = launch(policy, cfg, run_dir, on_metrics=on_metrics, use_ray=use_ray, use_gpu=num_gpus > 0)
     counts.update(result.get("timings", {}))
     (run_dir / "stage.json").write_text(json.dumps({"counts": counts, "steps": result["step"]}, indent=1))
-    return TrainResult(Path(result["final_model"] or student_dir), result["metrics"], result["step"],
-                       result["resumed_from"], run_dir, counts=counts)
+    final = Path(result["final_model"] or student_dir)
+    _point_latest(workspace, final, run_dir)
+    return TrainResult(final, result["metrics"], result["step"], result["resumed_from"], run_dir, counts=counts)
+
+
+def latest_pointer(workspace: Workspace) -> Path:
+    """JSON naming the last trained student and its run folder (what evaluate and `marc answer` use)."""
+    return workspace.home / "checkpoints" / "student-latest.json"
+
+
+def latest_student(workspace: Workspace) -> tuple[Path, Path] | None:
+    """(student folder, run folder) of the last completed train run in this workspace, or None."""
+    pointer = latest_pointer(workspace)
+    if not pointer.is_file():
+        return None
+    data = json.loads(pointer.read_text())
+    student = Path(data["student"])
+    return (student, Path(data["run_dir"])) if (student / "marc_model.json").is_file() else None
+
+
+def _point_latest(workspace: Workspace, student_dir: Path, run_dir: Path) -> None:
+    pointer = latest_pointer(workspace)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_name(pointer.name + ".tmp")
+    tmp.write_text(json.dumps({"student": str(student_dir), "run_dir": str(run_dir)}))
+    tmp.replace(pointer)
 
 
 def _completed(run_dir: Path, student_dir: Path, steps: int) -> dict | None:
