@@ -5,11 +5,13 @@
     marc run [--stage S] [--data DIR]    trigger a deployment, watch it, exit non-zero on failure
     marc sample-data DIR                 generate the EventQA sample set
     marc show TABLE                      print a pipeline table from MARC_HOME
+    marc answer VIDEO "QUESTION"         answer a question about a video with the trained student
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -168,6 +170,62 @@ def cmd_show(args) -> int:
     return 0
 
 
+def resolve_student(model: str | None) -> tuple[Path, str]:
+    """(student folder, where it came from): --model, else the registered `marc-student` (MLflow),
+    else the last student trained in MARC_HOME."""
+    from stages.common.workspace import Workspace
+    from stages.train.stage import latest_student
+
+    if model:
+        return Path(model).expanduser().resolve(), "--model"
+    from infra import tracking
+
+    try:
+        _use_stack_env()
+        found = tracking.download_registered_model("marc-student", marc_home() / "cache" / "models")
+        if found:
+            return found[0], f"registered model marc-student version {found[1]}"
+    except tracking.TrackingUnavailable:
+        pass  # no tracking server: the local run folder is as good
+    trained = latest_student(Workspace(marc_home()))
+    if trained:
+        return trained[0], f"last trained student in {marc_home()}"
+    raise FileNotFoundError("no trained student: model marc-student is not registered and MARC_HOME "
+                            f"({marc_home()}) holds no trained student; run the pipeline first (`marc run`) "
+                            "or pass --model DIR")
+
+
+def cmd_answer(args) -> int:
+    from infra.presets import load_preset
+    from stages import answer as answering
+    from stages.common.workspace import Workspace
+    from stages.embed.train import latest_checkpoint
+
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    config = load_preset(args.preset)
+    try:
+        student, source = resolve_student(args.model)
+        with contextlib.redirect_stdout(sys.stderr):  # stage chatter (embed's throughput) off the answer's stdout
+            result = answering.answer(config, marc_home(), Path(args.video), args.question, args.options, student,
+                                      latest_checkpoint(Workspace(marc_home())))
+    except answering.AnswerError as exc:
+        print(f"marc answer: {exc}", file=sys.stderr)
+        return 2
+    print(f"answer: {result.answer}" + (f"  ({result.option})" if result.option else ""))
+    print(f"student: {student} ({source})")
+    print(f"completion: {result.completion}")
+    print(f"retrieved events ({'memory built now' if result.new_video else 'memory reused'}; "
+          f"{result.cached_events}/{len(result.events)} events' features cached):")
+    for e in result.events:
+        print(f"  event {e['event_index']:>3}  {e['start_time']:8.2f}s - {e['end_time']:8.2f}s  "
+              f"score {e['score']:.3f}  rank {e['rank'] + 1}")
+    print(f"visual tokens: {result.visual_tokens}")
+    print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
+    return 0
+
+
 def _print_table(columns: list[str], rows: list[dict], width: int = 40) -> None:
     def cell(value) -> str:
         text = "" if value is None else str(value)
@@ -229,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--format", choices=("table", "jsonl"), default="table")
     show.add_argument("--where", action="append", metavar="COL=VALUE", help="keep rows whose COL equals VALUE")
     show.set_defaults(func=cmd_show)
+
+    ans = sub.add_parser("answer", help="answer a question about a video with the trained student")
+    ans.add_argument("video", help="a video file")
+    ans.add_argument("question", help="the question, e.g. \"What colour is the shape on the blue background?\"")
+    ans.add_argument("--options", nargs="+", metavar="OPTION", help='multiple-choice options: "A. red" "B. blue" ...')
+    ans.add_argument("--model", help="a student folder (default: registered marc-student, else the last trained)")
+    ans.add_argument("--preset", default="cpu-tiny", help="preset for segmentation, retrieval and decoding")
+    ans.set_defaults(func=cmd_answer)
     return parser
 
 

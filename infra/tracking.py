@@ -181,3 +181,28 @@ def register_model(run_id: str, artifact_path: str, name: str) -> str:
     run = client.get_run(run_id)
     version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id)
     return version.version
+
+
+def download_registered_model(name: str, dest_root: Path) -> tuple[Path, str] | None:
+    """(local folder, version) of the newest version of registered model `name`, downloaded once into
+    dest_root/<name>-v<version>; None when no version is registered."""
+    client = _client()
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    dest = Path(dest_root) / f"{name}-v{newest.version}"
+    if not (dest / "marc_model.json").is_file():
+        import shutil
+
+        from mlflow.artifacts import download_artifacts
+
+        staging = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        got = Path(download_artifacts(artifact_uri=newest.source, dst_path=str(staging),
+                                      tracking_uri=check_reachable()))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(got, dest)
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest, str(newest.version)
