@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 MARC   := $(VENV)/bin/marc
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench-segment bench-model bench-compression bench-retrieve down clean
+.PHONY: install demo test test-fast bench-segment bench-model bench-compression bench-retrieve bench-answer down clean
 
 # Editable install of the project and its pins; scenedetect last with --no-deps because it
 # depends on the GUI opencv-python, which clashes with the headless build we use.
@@ -38,6 +38,10 @@ bench-segment: install
 
 bench-model: install
 	$(PY) bench/bench_model.py
+
+# Needs a trained pipeline in MARC_HOME (make demo first).
+bench-answer: install
+	$(PY) bench/bench_answer.py
 
 bench-compression: install
 	$(PY) bench/bench_compression.py

@@ -155,8 +155,9 @@ def event_features(bundle: ModelBundle, workspace: Workspace, student: str, vide
 
 def answer(config: PipelineConfig, home: Path, video: Path, question: str, options: list[str] | None,
            student_dir: Path, tower_checkpoint: Path | None, bundle: ModelBundle | None = None,
-           text_tower=None) -> Answer:
-    """Answer one question about one video (see the module docstring)."""
+           text_tower=None, new_tokens: int | None = None) -> Answer:
+    """Answer one question about one video (see the module docstring). new_tokens: decode exactly that
+    many tokens (benchmarks compare arms at equal length) instead of stopping at the end of the answer."""
     if not (Path(student_dir) / "marc_model.json").is_file():
         raise AnswerError(f"no trained student at {student_dir}: run the pipeline first (`marc run`)")
     if not question.strip():
@@ -186,7 +187,8 @@ def answer(config: PipelineConfig, home: Path, video: Path, question: str, optio
     inputs = build_student_inputs(bundle, [q], [frames], [memory], "memory")
     with torch.no_grad():
         embeds = runner.compress_features(bundle, inputs, [torch.cat(features)])
-        gen = runner.generate(bundle, inputs, config.evaluate.max_new_tokens, embeds=embeds)
+        gen = runner.generate(bundle, inputs, new_tokens or config.evaluate.max_new_tokens, embeds=embeds,
+                              min_new_tokens=new_tokens)
     t4 = time.perf_counter()
     text = gen.texts[0]
     said = extract_answer(text)
