@@ -40,10 +40,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 from infra.presets import load_preset
+from stages.evaluate.efficiency import peak_allocated_cpu as peak_allocated
+from stages.evaluate.efficiency import prefill
 from stages import sample_data
 from stages.model import runner
 from stages.model.inputs import (
@@ -56,25 +56,6 @@ from stages.model.inputs import (
 from stages.model.qwen import build_model, load_model, parameter_count
 
 GOALS = {"visual_tokens": 0.032, "memory_reduction": 0.72, "latency_reduction": 0.239}
-
-
-def peak_allocated(fn) -> tuple[int, object]:
-    """(peak bytes allocated above the start while fn runs, fn's result), from profiler events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-
-    def walk(nodes):
-        for n in nodes:
-            yield n
-            yield from walk(n.children)
-
-    allocs = sorted((n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
-                     if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns)
-    running = peak = 0
-    for n in allocs:  # alloc_size < 0 for a free
-        running += n.extra_fields.alloc_size
-        peak = max(peak, running)
-    return peak, result
 
 
 def timed(fn):
@@ -94,12 +75,7 @@ class Arm:
         return runner.visual_embeds(self.bundle, inputs)
 
     def prefill(self, inputs, embeds):
-        return self.bundle.model(
-            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-            mm_token_type_ids=inputs.mm_token_type_ids, video_grid_thw=inputs.llm_grid_thw,
-            second_per_grid_ts=inputs.second_per_grid_ts,
-            mm_encoder_outputs=runner._encoder_outputs(embeds), use_cache=True, logits_to_keep=1,
-        )
+        return prefill(self.bundle, inputs, embeds)
 
     def lm_generate(self, inputs, embeds, n):
         return runner.generate(self.bundle, inputs, n, min_new_tokens=n, embeds=embeds)
