@@ -60,7 +60,8 @@ def markdown(payload: dict, images: list[str]) -> str:
     for name, a in arms.items():
         lines.append(f"| `{name}` | " + " | ".join(_pct(a["retention"].get(f)) for f in families) + " |")
     lines += ["", f"## Cost per question (batch 1, {payload['profile_questions']} questions, "
-              f"{payload['decoding']['latency_new_tokens']} new tokens for every arm)", "",
+              f"{payload['decoding']['latency_new_tokens']} new tokens for every arm, "
+              f"{payload.get('threads')} torch threads)", "",
               "| arm | peak forward memory (MB) | vision (ms) | prefill (ms) | generation (ms) | end to end (ms) |",
               "|---|---|---|---|---|---|"]
     for name, a in arms.items():

@@ -168,9 +168,11 @@ def answer_arm(config: PipelineConfig, arm: Arm, items: list[TestItem], checkpoi
 
 def profile_all(config: PipelineConfig, arms: list[Arm], items: list[TestItem], checkpoints: Checkpoints,
                 num_gpus: int = 0) -> dict[str, dict]:
+    """arm -> cost profile; each profile also records the torch threads it ran with (`threads`)."""
     device = "cuda" if num_gpus else "cpu"
     bundles = {w: load_weights(checkpoints.path(w), config, device) for w in {a.weights for a in arms}}
-    return profile_arms(arms, bundles, items, config.evaluate.latency_new_tokens, config.evaluate.latency_repeats)
+    profiles = profile_arms(arms, bundles, items, config.evaluate.latency_new_tokens, config.evaluate.latency_repeats)
+    return {name: {**p, "threads": torch.get_num_threads()} for name, p in profiles.items()}
 
 
 # ------------------------------------------------------------------------------------------ summarize
@@ -256,7 +258,8 @@ def run(config: PipelineConfig, workspace: Workspace, checkpoints: Checkpoints, 
         "questions": len(items), "left_out": skipped, "profile_questions": len(few),
         "decoding": {"temperature": config.evaluate.temperature, "max_new_tokens": config.evaluate.max_new_tokens,
                      "latency_new_tokens": config.evaluate.latency_new_tokens},
-        "device": "cuda" if num_gpus else "cpu", "threads": torch.get_num_threads(),
+        "device": "cuda" if num_gpus else "cpu",
+        "threads": next((p["threads"] for p in profiles.values()), torch.get_num_threads()),
         "checkpoints": {w: getattr(checkpoints, w) for w in WEIGHTS},
         "arms": summary, "goals": check_goals(summary),
     }
