@@ -35,6 +35,19 @@ def _num(x, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _cost_table(payload: dict) -> list[str]:
+    lines = ["", f"## Cost per question (batch 1, {payload['profile_questions']} questions, "
+              f"{payload['decoding']['latency_new_tokens']} new tokens for every arm, "
+              f"{payload.get('threads')} torch threads)", "",
+              "| arm | peak forward memory (MB) | vision (ms) | prefill (ms) | generation (ms) | end to end (ms) |",
+              "|---|---|---|---|---|---|"]
+    for name, a in payload["arms"].items():
+        lat, peak = a["latency_s"], a["peak_forward_bytes"]
+        lines.append(f"| `{name}` | {_num(peak / 2**20 if peak is not None else None)} | "
+                     + " | ".join(_num(1000 * lat[k] if k in lat else None, 1) for k in LATENCY_PARTS) + " |")
+    return lines
+
+
 def markdown(payload: dict, images: list[str]) -> str:
     arms = payload["arms"]
     families = sorted({f for a in arms.values() for f in a["accuracy"] if f != "overall"})
@@ -59,15 +72,8 @@ def markdown(payload: dict, images: list[str]) -> str:
               "| arm | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
     for name, a in arms.items():
         lines.append(f"| `{name}` | " + " | ".join(_pct(a["retention"].get(f)) for f in families) + " |")
-    lines += ["", f"## Cost per question (batch 1, {payload['profile_questions']} questions, "
-              f"{payload['decoding']['latency_new_tokens']} new tokens for every arm, "
-              f"{payload.get('threads')} torch threads)", "",
-              "| arm | peak forward memory (MB) | vision (ms) | prefill (ms) | generation (ms) | end to end (ms) |",
-              "|---|---|---|---|---|---|"]
-    for name, a in arms.items():
-        lat, peak = a["latency_s"], a["peak_forward_bytes"]
-        lines.append(f"| `{name}` | {_num(peak / 2**20 if peak is not None else None)} | "
-                     + " | ".join(_num(1000 * lat[k] if k in lat else None, 1) for k in LATENCY_PARTS) + " |")
+    if payload["profile_questions"]:
+        lines += _cost_table(payload)
     if payload["goals"]:
         lines += ["", "## Goals (issue #7, C-GRPO student)", ""]
         for g in payload["goals"]:
