@@ -296,6 +296,12 @@ class TrainConfig(_Section):
     """mu: policy updates per generated batch (>1 uses old-policy log-probs)."""
     workers: int = Field(2, ge=1)
     """Ray Train workers (data-parallel ranks)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on the cluster's nodes (Ray Train's `ScalingConfig.placement_strategy`):
+    PACK (Ray's default) fills as few nodes as possible, SPREAD puts the workers on different nodes where it
+    can (one per node when the cluster has at least `workers` nodes with room), STRICT_PACK / STRICT_SPREAD
+    wait rather than bend the rule. Placement does not change the weights, so it is not in the run's
+    fingerprint. Which node each rank ran on is recorded in the run's result.json (`workers`)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 2 on CPU with gloo, 3 at real scale."""
     bf16: bool = False

@@ -497,6 +497,9 @@ def _spec(name: str, port: int, client: dict[str, str]) -> tuple[list[str], dict
             # PREFECT_API_DATABASE_CONNECTION_URL is still accepted as an alias.
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
         })
+        # The UI's API address comes from settings, not from --port: without this the UI of a server on
+        # another port than 4200 calls http://127.0.0.1:4200/api ("Can't connect to Server API").
+        env.setdefault("PREFECT_UI_API_URL", _url(PREFECT, port))
         argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
     elif name == MLFLOW:
         mlflow_dir = _dir("mlflow")

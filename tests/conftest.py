@@ -208,3 +208,14 @@ def local_ray():
         finally:
             ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One pipeline run on a two-node Ray cluster, shared by test_scale_out.py and test_browser_ui.py
+
+from two_node import two_node_run  # noqa: E402,F401  (a session fixture: registered here so it runs once)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of the shared two-node run go last and together: its stack lives only while they run."""
+    items.sort(key=lambda item: "two_node_run" in getattr(item, "fixturenames", ()))

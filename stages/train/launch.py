@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,41 @@ from data_contracts.config import TrainConfig
 from stages.train.engine import MetricsCallback, Policy, init_single_process, train_loop
 
 
+WORKERS_DIR = "workers"
+"""Under the run folder: `rank-<r>.json`, where rank r of the last Ray launch ran (node id, IP, host, pid)."""
+
+
+def _record_placement(run_dir: str | Path) -> None:
+    """Write where this Ray Train worker runs to `run_dir/workers/rank-<r>.json` (each rank its own file:
+    no collective, so it works before the process group is used; the run folder is shared by all ranks)."""
+    import socket
+
+    import ray
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    runtime = ray.get_runtime_context()
+    info = {"rank": rank, "node_id": runtime.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(), "pid": os.getpid()}
+    folder = Path(run_dir) / WORKERS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank-{rank}.json.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, folder / f"rank-{rank}.json")
+
+
+def _placement(run_dir: Path, world: int) -> list[dict[str, Any]]:
+    """The placement records the ranks of this launch wrote, by rank."""
+    found = []
+    for rank in range(world):
+        path = run_dir / WORKERS_DIR / f"rank-{rank}.json"
+        if path.is_file():
+            found.append(json.loads(path.read_text()))
+    return found
+
+
 def _worker(config: dict[str, Any]) -> None:
+    _record_placement(config["run_dir"])
     train_loop(config["policy"], config["cfg"], config["run_dir"], on_metrics=config["on_metrics"],
                use_gpu=config["use_gpu"])
 
@@ -36,10 +71,13 @@ def launch(
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
 ) -> dict[str, Any]:
-    """Train; returns rank 0's result ({"step", "resumed_from", "metrics", "final_model"}).
+    """Train; returns rank 0's result ({"step", "resumed_from", "metrics", "final_model", "timings"}); with Ray
+    also "workers": per rank, the node it ran on ({"rank", "node_id", "node_ip", "hostname", "pid"}), which
+    is added to the run's result.json as well.
 
     With Ray, `on_metrics` runs inside rank 0's worker process (it is pickled there), and a worker failure
-    raises `ray.train.TrainingFailedError` once `cfg.max_failures` restarts are spent.
+    raises `ray.train.TrainingFailedError` once `cfg.max_failures` restarts are spent. The workers are
+    placed with `cfg.placement_strategy` (SPREAD: one per node where the cluster allows).
     """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,14 +103,21 @@ def launch(
         _worker,
         train_loop_config={"policy": policy, "cfg": cfg, "run_dir": str(run_dir), "on_metrics": on_metrics,
                            "use_gpu": use_gpu},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                              storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
+    shutil.rmtree(run_dir / WORKERS_DIR, ignore_errors=True)  # only this launch's ranks
     trainer.fit()
-    return json.loads((run_dir / "result.json").read_text())
+    result = json.loads((run_dir / "result.json").read_text())
+    result["workers"] = _placement(run_dir, cfg.workers)
+    tmp = run_dir / ".result.json.tmp"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, run_dir / "result.json")
+    return result
 
 
 def toy_config(**over: Any) -> TrainConfig:

@@ -38,7 +38,8 @@ from stages.train.qwen_policy import QwenPolicy, TrainItem
 
 STAGE = "train"
 CODE_VERSION = "1"
-BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "max_failures")  # do not change step s's weights
+# Do not change step s's weights: left out of the run fingerprint.
+BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "max_failures", "placement_strategy")
 
 
 @dataclass
