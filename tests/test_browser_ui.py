@@ -334,3 +334,29 @@ def test_prefect_ui_lists_the_stage_tasks_of_the_flow_run(two_node_run, browser,
     shot = browser.screenshot(tmp_path / "prefect-flow-run.png")
     assert shot.stat().st_size > 10_000
     _keep(shot)
+
+
+def test_mlflow_ui_shows_the_evaluation_plots_on_the_evaluate_run(two_node_run, browser, tmp_path):
+    run = two_node_run
+    _finished(run)
+    ui, eid = run.mlflow_uri, run.experiment_id
+    eval_id = run.children["evaluate"]["info"]["run_id"]
+    files = {f["path"] for f in mlflow_api(ui, "artifacts/list", params={"run_id": eval_id, "path": "report"})["files"]}
+    assert {"report/report.md", "report/accuracy_vs_tokens.png", "report/latency.png", "report/training.png"} <= files
+    for plot in ("accuracy_vs_tokens.png", "latency.png", "training.png"):
+        browser.goto(f"{ui}/#/experiments/{eid}/runs/{eval_id}/artifacts/report/{plot}")
+        browser.wait_for_text(["evaluate", "report", plot])
+        # The artifact viewer renders the PNG itself (an <img>, its src a blob: URL of the downloaded file):
+        # wait for a loaded image of the plot's pixel size (matplotlib 7 in wide at 110 dpi = 770 px).
+        deadline, images = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            images = browser.eval("Array.from(document.images).map(i => [i.src.slice(0, 120), i.complete,"
+                                  " i.naturalWidth, i.naturalHeight])") or []
+            if any(done and w == 770 and h > 300 for _, done, w, h in images):
+                break
+            time.sleep(1)
+        assert any(done and w == 770 and h > 300 for _, done, w, h in images), \
+            f"{plot} not rendered; images {images}\n{browser.text()[:1500]}"
+        shot = browser.screenshot(tmp_path / f"mlflow-evaluate-{plot}")
+        assert shot.stat().st_size > 10_000
+        _keep(shot)
