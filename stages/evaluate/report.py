@@ -92,10 +92,12 @@ def plot(payload: dict, curves: list[dict], out_dir: Path) -> list[str]:
 
     arms, names = payload["arms"], []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, a in arms.items():
-        ax.scatter(a["visual_tokens"], a["accuracy"]["overall"], s=40)
-        ax.annotate(name, (a["visual_tokens"], a["accuracy"]["overall"]), fontsize=8, xytext=(4, 3),
-                    textcoords="offset points")
+    points: dict[tuple[float, float], list[str]] = {}
+    for name, a in arms.items():  # arms at the same point share one label, one name per line
+        points.setdefault((a["visual_tokens"], round(a["accuracy"]["overall"], 3)), []).append(name)
+    for (x, y), group in points.items():
+        ax.scatter(x, y, s=40)
+        ax.annotate("\n".join(group), (x, y), fontsize=8, xytext=(5, 3), textcoords="offset points", va="bottom")
     ax.set_xscale("log")
     ax.set_xlabel("visual tokens per question (log)")
     ax.set_ylabel("accuracy (overall)")
