@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from two_node import mlflow_api as _mlflow
+
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
@@ -97,15 +99,6 @@ def stack():
         left = {p: _cmdline(p) for p in before if Path(f"/proc/{p}").exists() and not _cmdline(p).startswith("state=Z")}
         assert down.returncode == 0, down.stdout + down.stderr
         assert not left, f"marc down left processes behind: {left}"
-
-
-def _mlflow(uri: str, path: str, payload: dict | None = None, params: dict | None = None) -> dict:
-    if payload is not None:
-        response = requests.post(f"{uri}/api/2.0/mlflow/{path}", json=payload, timeout=30)
-    else:
-        response = requests.get(f"{uri}/api/2.0/mlflow/{path}", params=params, timeout=30)
-    response.raise_for_status()
-    return response.json()
 
 
 def _runs(uri: str) -> list[dict]:

@@ -103,10 +103,7 @@ def plot(payload: dict, curves: list[dict], out_dir: Path) -> list[str]:
     ax.set_ylabel("accuracy (overall)")
     ax.set_title("Accuracy against visual tokens")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_tokens.png", dpi=110)
-    plt.close(fig)
-    names.append("accuracy_vs_tokens.png")
+    names.append(_save(fig, out_dir, "accuracy_vs_tokens.png"))
 
     profiled = [n for n, a in arms.items() if a["latency_s"]]
     if profiled:
@@ -123,10 +120,7 @@ def plot(payload: dict, curves: list[dict], out_dir: Path) -> list[str]:
         ax.set_xlabel("ms per question (batch 1)")
         ax.set_title("Latency, end to end, by part")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "latency.png", dpi=110)
-        plt.close(fig)
-        names.append("latency.png")
+        names.append(_save(fig, out_dir, "latency.png"))
 
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -139,11 +133,17 @@ def plot(payload: dict, curves: list[dict], out_dir: Path) -> list[str]:
         ax.set_title("Training: reward and eta")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / "training.png", dpi=110)
-        plt.close(fig)
-        names.append("training.png")
+        names.append(_save(fig, out_dir, "training.png"))
     return names
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=110)  # 7 in wide: 770 px (the browser test looks for that width)
+    plt.close(fig)
+    return name
 
 
 def write(payload: dict, reports_root: Path, report_id: str | None, curves: list[dict]
