@@ -203,8 +203,24 @@ class WarmupConfig(_Section):
     targets, keeping the caption and text losses. Student: `student_steps` of the same QA targets on
     the 1-group compressed memory, starting from the teacher. Measured recipe: README / bench/warmup_experiment.py."""
 
+    vision_steps: int = Field(0, ge=0)
+    """Steps of phase 0 (teacher, needs probe_weight > 0): single temporal groups through the vision tower
+    alone, trained through the probe heads (+ text-only QA at `vision_textqa_weight`); no 64-frame input."""
+    vision_batch_size: int = Field(64, ge=1)
+    """Temporal groups (frame pairs) per phase-0 step."""
+    vision_learning_rate: float = Field(4e-3, gt=0.0)
+    """Constant learning rate of phase 0 (after the linear warm-up); the cosine schedule covers phases 1-2."""
+    vision_textqa_weight: float = Field(0.0, ge=0.0)
+    """Phase 0 weight of text-only QA next to the vision task (weight 1): the LM practises the hops meanwhile."""
     caption_steps: int = Field(1500, ge=0)
     """Steps of phase 1: single-event captioning (dense, grounded supervision) + text-only QA."""
+    clip_steps: int = Field(0, ge=0)
+    """Steps of phase 2a, before phase 2: QA on clips of `clip_events` consecutive events (the teacher's own
+    frames of them) that hold the answer: picking among 2-3 scenes is learnt far sooner, at a third of the cost."""
+    clip_events: int = Field(2, ge=1)
+    """Events per phase-2a clip."""
+    textqa_scenes: int = Field(0, ge=0)
+    """Scenes listed in a text-only QA prompt (the answer's and its neighbours; 0: all of the video's)."""
     qa_steps: int = Field(1500, ge=0)
     """Steps of phase 2: 64-frame question answering with `<think>caption</think><answer>X</answer>` targets."""
     student_steps: int = Field(300, ge=0)
@@ -236,6 +252,13 @@ class WarmupConfig(_Section):
     """Teacher only: weight of a training-only probe loss - linear heads on each temporal group's mean visual
     token predict its event's colour, shape, direction and background. A dense, direct signal for the random
     vision tower (captions alone left shape and direction at chance); the heads are not saved. 0: off."""
+    probe_pool: Literal["max", "mean"] = "max"
+    """How the probe pools a temporal group's visual tokens: max lets the few tokens holding the shape carry
+    shape and motion (mean pooling left both at chance, measured)."""
+    think_style: Literal["caption", "keyed"] = "caption"
+    """Reasoning in QA targets. caption: `<think>{answer event's caption}</think>`. keyed: the question's key
+    first, then the caption, then the answer word (`<think>on the blue background: a red circle moving left on a
+    blue background, then circle</think>`): every hop is a next-token step with its cue just before it."""
     synthetic_seed: int = 1000
     """Seed of the extra EventQA videos planned and rendered in memory for training (held-out checks use
     seed + 1). Must differ from the data set's seed and from any evaluation seed."""

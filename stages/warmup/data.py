@@ -20,8 +20,15 @@ The tasks (one micro-batch each per step; `train.py` weighs their losses)
                short sequences.
     qa         the real input (teacher: 64 frames; student: its compressed memory) with the real
                Video-R1 prompt and the same target as textqa. This is what evaluation measures.
+    clipqa     qa on a clip of a few consecutive events (`WarmupConfig.clip_events`; the teacher's own
+               frames of them, so the same frame spacing): a curriculum step - choosing among 2-3
+               scenes gives the attention a far stronger signal than among 3-6, at a third of the cost.
     story      the whole 64-frame video, short prompt, target `<think>{caption 1}. {caption 2}. ...</think>`:
                dense supervision on event order (helps `after`).
+    frames     no language model: single temporal groups (two consecutive frames of the teacher's
+               64, inside one event) through the vision tower only, labelled with the event's
+               colour, shape, direction and background for the training-only probe (train.py). By
+               far the cheapest step: it teaches the random vision tower what the later tasks read.
 """
 
 from __future__ import annotations
@@ -53,12 +60,51 @@ from stages.model.qwen import ModelBundle
 
 CAPTION_PROMPT = "Describe the video."
 STORY_PROMPT = "Describe every scene in order."
-TASKS = ("caption", "textqa", "qa", "story")
+TASKS = ("frames", "caption", "textqa", "qa", "story")
 
 
 def qa_target(caption: str, letter: str) -> str:
     """The Video-R1 format target: the answer event's caption as the reasoning, then the letter."""
     return f"<think>{caption}</think><answer>{letter}</answer>"
+
+
+THINK_STYLES = ("caption", "keyed")
+
+
+def question_key(question: dict, events: list[dict]) -> str:
+    """The words of the question that pick the answer event: its background (shape, colour), the
+    shape's colour and name (direction), or the scene before it (after)."""
+    fam, e = question.get("family"), events[question["answer_event"]]
+    if fam == "direction":
+        return f"the {e['colour']} {e['shape']}"
+    if fam == "after" and question["answer_event"] > 0:
+        return f"after the {events[question['answer_event'] - 1]['background']} background"
+    return f"on the {e['background']} background"
+
+
+def option_word(question: dict, letter: str) -> str:
+    """The text of option `letter` ("C. triangle" -> "triangle")."""
+    for op in question.get("options") or []:
+        if op.startswith(f"{letter}."):
+            return op[len(letter) + 1:].strip()
+    return ""
+
+
+def think_text(question: dict, events: list[dict], style: str = "caption") -> str:
+    """The reasoning of a QA target. caption: the answer event's caption. keyed: the question's key
+    first (copied from the question), then the caption, then the answer word:
+    "on the purple background: a yellow triangle moving right on a purple background, then triangle"
+    (the key opens with a fixed word so that its colour/shape words are the same tokens as in the
+    question: BPE splits a word with no space before it differently). Each hop
+    is then one next-token step with its cue right before it: copy the key, read the event the key
+    names, copy the slot the question asks for, and (the letter) find that word among the options."""
+    caption = events[question["answer_event"]]["caption"]
+    if style == "caption":
+        return caption
+    if style != "keyed":
+        raise ValueError(f"think style must be one of {THINK_STYLES}, got {style!r}")
+    letter = answer_letter(question)
+    return f"{question_key(question, events)}: {caption}, then {option_word(question, letter)}"
 
 
 def answer_letter(question: dict) -> str:
@@ -198,9 +244,10 @@ class Example:
     question: dict | None = None  # qa / textqa
     event: int | None = None  # caption: the event described
     family: str | None = None
+    window: tuple[int, int] | None = None  # clipqa / textqa: first and last event shown (inclusive)
 
 
-def examples_of(video: VideoItem, tasks: set[str]) -> list[Example]:
+def examples_of(video: VideoItem, tasks: set[str], think: str = "caption") -> list[Example]:
     out: list[Example] = []
     caps = [e["caption"] for e in video.events]
     if "caption" in tasks:
@@ -208,11 +255,25 @@ def examples_of(video: VideoItem, tasks: set[str]) -> list[Example]:
     if "story" in tasks:
         out.append(Example("story", video, "<think>" + ". ".join(caps) + "</think>"))
     for q in video.questions:
-        target = qa_target(caps[q["answer_event"]], answer_letter(q))
-        for task in ("qa", "textqa"):
+        target = qa_target(think_text(q, video.events, think), answer_letter(q))
+        for task in ("qa", "textqa", "clipqa"):
             if task in tasks:
                 out.append(Example(task, video, target, question=q, family=q.get("family")))
     return out
+
+
+def with_window(example: Example, events: int, rng: random.Random) -> Example:
+    """The example restricted to `events` consecutive events that hold its answer (and, for `after`,
+    the scene before it), placed at random: a short clip (clipqa) or a short scene list (textqa)."""
+    n = len(example.video.events)
+    if events <= 0 or events >= n:
+        return example
+    q = example.question
+    lo = q["answer_event"] - (1 if q.get("family") == "after" else 0)
+    hi = q["answer_event"]
+    first = rng.randint(max(0, hi - events + 1), min(lo, n - events))
+    return Example(example.task, example.video, example.target, q, example.event, example.family,
+                   (first, first + events - 1))
 
 
 def _chat_ids(bundle: ModelBundle, text: str, video_tokens: int | None) -> list[int]:
@@ -234,7 +295,10 @@ def textqa_prompt(bundle: ModelBundle, example: Example) -> str:
     q = example.question
     # Key first ("red background: a ... on a red background."): a causal LM can find a scene by its
     # background and then copy forward; with the caption alone the key comes after what must be copied.
-    story = "Scenes: " + " ".join(f"{e['background']} background: {e['caption']}." for e in example.video.events) + "\n"
+    events = example.video.events
+    if example.window is not None:
+        events = events[example.window[0]:example.window[1] + 1]
+    story = "Scenes: " + " ".join(f"{e['background']} background: {e['caption']}." for e in events) + "\n"
     return story + question_text(q["problem"], q.get("options"), q.get("problem_type", "multiple choice"),
                                  bundle.config.prompt_style)
 
@@ -262,7 +326,13 @@ def clip_of(bundle: ModelBundle, example: Example, mode: str, top_k: int, fps: f
         else:
             stamps = ground_truth_memory([e], 0, 1, fps, max_frames).timestamps
         return Clip(v.frames(stamps, size, cache_dir), stamps, [len(stamps)])
-    if mode == "teacher" or example.task == "story":
+    if example.task == "clipqa" and example.window is not None:  # the teacher's frames of a few events
+        full = v.teacher_stamps(bundle.config.teacher_frames)
+        a, b = v.events[example.window[0]]["start_time"], v.events[example.window[1]]["end_time"]
+        stamps = [t for t in full if a <= t < b]
+        stamps = stamps[:max(2, len(stamps) // 2 * 2)]
+        return Clip(v.frames(stamps, size, cache_dir), stamps, [len(stamps)])
+    if mode == "teacher" or example.task in ("story", "clipqa"):
         stamps = v.teacher_stamps(bundle.config.teacher_frames)
         return Clip(v.frames(stamps, size, cache_dir), stamps, [len(stamps)])
     memory = ground_truth_memory(v.events, example.question["answer_event"], top_k, fps, max_frames)
@@ -289,7 +359,7 @@ def build_batch(bundle: ModelBundle, examples: list[Example], mode: str = "teach
         ids, mask = left_pad([_chat_ids(bundle, textqa_prompt(bundle, ex), None) for ex in examples], bundle.pad_token_id)
         return None, {"input_ids": ids, "attention_mask": mask}, completions
     geo, cfg = bundle.geometry, bundle.config
-    student = mode == "student" and task != "story"
+    student = mode == "student" and task not in ("story", "clipqa")
     pixels, grids, llm_groups, event_groups, rows, stamps, text = [], [], [], [], [], [], {}
     for ex in examples:
         clip = clip_of(bundle, ex, mode, top_k, fps, max_frames, cache_dir)
@@ -302,7 +372,7 @@ def build_batch(bundle: ModelBundle, examples: list[Example], mode: str = "teach
             n_llm = groups[0]
         pv, (t, gh, gw) = patchify(frames, geo)
         n_tokens = n_llm * gh * gw // geo.merge_size ** 2
-        rows.append(prompt_ids(bundle, ex.question, n_tokens) if task == "qa"
+        rows.append(prompt_ids(bundle, ex.question, n_tokens) if task in ("qa", "clipqa")
                     else _chat_ids(bundle, CAPTION_PROMPT if task == "caption" else STORY_PROMPT, n_tokens))
         pixels.append(pv)
         grids.append((t, gh, gw))
@@ -349,8 +419,9 @@ class ExampleStream:
 
     def __init__(self, task: str, dataset: list[VideoItem], synthetic_seed: int, rng_seed: int,
                  chunk: int = 8, dataset_share: float = 0.25, width: int = 128, height: int = 128, fps: int = 10,
-                 families: tuple[str, ...] | None = None):
+                 families: tuple[str, ...] | None = None, think: str = "caption", window: int = 0):
         self.task, self.dataset, self.seed = task, dataset, synthetic_seed
+        self.think, self.window = think, window
         self.rng = random.Random(rng_seed)
         self.chunk, self.share = chunk, dataset_share if dataset else 0.0
         self.size = (width, height, fps)
@@ -366,8 +437,10 @@ class ExampleStream:
             else:
                 videos.append(synthetic_video(self.seed, self.next_index, *self.size))
                 self.next_index += 1
-        ex = [e for v in videos for e in examples_of(v, {self.task})
+        ex = [e for v in videos for e in examples_of(v, {self.task}, self.think)
               if self.families is None or e.family is None or e.family in self.families]
+        if self.window:
+            ex = [with_window(e, self.window, self.rng) for e in ex]
         self.rng.shuffle(ex)
         self.buffer = ex
 
@@ -378,3 +451,22 @@ class ExampleStream:
                 self._refill()
             out.append(self.buffer.pop())
         return out
+
+
+def frame_groups(rng: random.Random, n: int, seed: int, size: int, teacher_frames: int = 64,
+                 start_index: int = 0) -> tuple[list[np.ndarray], list[dict]]:
+    """`n` single temporal groups for the vision task: two consecutive frames of a video's teacher
+    sampling, both inside one event (rendered in memory), with that event's row as the label.
+    Videos are planned from `seed` at random indices >= start_index."""
+    frames, labels = [], []
+    while len(frames) < n:
+        v = synthetic_video(seed, start_index + rng.randrange(1_000_000))
+        stamps = v.teacher_stamps(teacher_frames)
+        g = rng.randrange(len(stamps) // 2)
+        pair = stamps[2 * g:2 * g + 2]
+        e0, e1 = _event_at(v.events, pair[0]), _event_at(v.events, pair[1])
+        if e0 is not e1:  # straddles a cut: no single label
+            continue
+        frames.append(render_at(v.plan, pair, v.fps, v.width, v.height, size))
+        labels.append(e0)
+    return frames, labels

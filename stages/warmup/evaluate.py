@@ -19,7 +19,7 @@ import torch
 from stages.model import runner
 from stages.model.inputs import build_student_inputs, build_teacher_inputs, ground_truth_memory
 from stages.model.qwen import ModelBundle
-from stages.warmup.data import VideoItem, answer_letter
+from stages.warmup.data import VideoItem, answer_letter, think_text
 
 FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
 ANSWER = re.compile(r"<answer>\s*([A-Za-z])\s*</answer>")
@@ -107,7 +107,8 @@ def evaluate(bundle: ModelBundle, items: list[tuple[VideoItem, dict]], mode: str
             result.counts[fam] = result.counts.get(fam, 0) + 1
             result.correct[fam] = result.correct.get(fam, 0) + int(letter == answer_letter(q))
             result.formatted += int(ok)
-            result.think_exact[fam] = result.think_exact.get(fam, 0) + int(think is not None and think.strip() == caption)
+            wanted = {caption, think_text(q, v.events, "keyed")}  # either reasoning style
+            result.think_exact[fam] = result.think_exact.get(fam, 0) + int(think is not None and think.strip() in wanted)
             got = CAPTION.search(think or "")
             want = CAPTION.search(caption)
             for k, s in enumerate(SLOTS):

@@ -10,7 +10,10 @@ One step, top to bottom:
     clip grad norm 1; AdamW step at lr(step) (linear warm-up, then cosine to min_lr_ratio * peak)
 
 Phases (WarmupConfig):
-    teacher  1. `caption_steps` of caption + textqa (ground the words, learn the hops in text)
+    teacher  0. `vision_steps` of frames (+ textqa): the vision tower alone learns the attributes
+                of single temporal groups through the probe (cheap: no language model)
+             1. `caption_steps` of caption + textqa (ground the words, learn the hops in text)
+             2a. `clip_steps` of clipqa + caption + textqa: QA on clips of `clip_events` events
              2. `qa_steps` of qa + caption + textqa (+ story): the real 64-frame QA input
     student  `student_steps` of qa (+ caption) on the 1-group compressed memory, from the teacher
 
@@ -36,7 +39,8 @@ from data_contracts.config import WarmupConfig
 from stages import sample_data as eq
 from stages.model import runner
 from stages.model.qwen import ModelBundle, save_model
-from stages.warmup.data import ExampleStream, VideoItem, build_batch, synthetic_video
+from stages.model.inputs import patchify
+from stages.warmup.data import ExampleStream, VideoItem, build_batch, frame_groups, synthetic_video
 from stages.warmup.evaluate import evaluate, evaluate_captions, questions_of
 
 HELDOUT_SEED_OFFSET = 1
@@ -54,13 +58,18 @@ def phases_for(cfg: WarmupConfig, mode: str) -> list[Phase]:
     if mode == "student":
         return [Phase("student-qa", cfg.student_steps, {"qa": 1.0, "caption": cfg.qa_caption_weight})]
     return [
+        Phase("vision", cfg.vision_steps if cfg.probe_weight > 0 else 0,
+              {"frames": 1.0, "textqa": cfg.vision_textqa_weight}),
         Phase("caption", cfg.caption_steps, {"caption": 1.0, "textqa": cfg.textqa_weight}),
+        Phase("clipqa", cfg.clip_steps, {"clipqa": 1.0, "caption": cfg.qa_caption_weight,
+                                         "textqa": cfg.qa_textqa_weight}),
         Phase("qa", cfg.qa_steps, {"qa": 1.0, "caption": cfg.qa_caption_weight, "textqa": cfg.qa_textqa_weight,
                                    "story": cfg.story_weight}),
     ]
 
 
 def lr_at(step: int, total: int, cfg: WarmupConfig, peak: float) -> float:
+    """Linear warm-up over `lr_warmup_steps`, then cosine from `peak` to `min_lr_ratio * peak` at `total`."""
     warm = max(1, min(cfg.lr_warmup_steps, total))
     if step < warm:
         return peak * (step + 1) / warm
@@ -90,14 +99,21 @@ PROBE_CLASSES = {"colour": list(eq.PALETTE), "shape": list(eq.SHAPES), "directio
 
 
 class Probe(torch.nn.Module):
-    """Linear heads on the mean of each temporal group's visual tokens -> the event's colour, shape,
+    """Linear heads on each temporal group's pooled visual tokens -> the event's colour, shape,
     direction and background. Training-only (not saved: the checkpoint stays a stock Qwen2.5-VL).
-    It gives the vision tower a dense, direct signal - every group of every clip is labelled - and
-    makes the attributes linearly readable from what a uniform attention over the group returns."""
+    It gives the vision tower a dense, direct signal - every group of every clip is labelled.
+    Max pooling (default) lets the few tokens that hold the shape carry shape and motion: with the
+    mean over the group's 16 tokens shape and direction stayed at chance for 400 steps of 64 groups,
+    with the max direction reached 0.98 and shape rose (measured, README)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, pool: str = "max"):
         super().__init__()
+        self.pool = pool
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, len(v)) for k, v in PROBE_CLASSES.items()})
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[G, P, D] tokens of G temporal groups -> [G, D]."""
+        return tokens.amax(1) if self.pool == "max" else tokens.mean(1)
 
     def loss(self, feats: torch.Tensor, events: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
         total, accs = feats.new_zeros(()), {}
@@ -111,7 +127,14 @@ class Probe(torch.nn.Module):
 
 def task_loss(bundle: ModelBundle, examples, mode: str, top_k: int, fps: float, max_frames: int,
               cache_dir: Path | None, probe: Probe | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(completion NLL, probe loss or None) of one micro-batch."""
+    """(completion NLL, probe loss or None) of one micro-batch (frames: (probe loss, None))."""
+    if isinstance(examples, tuple):  # the vision task: (frame pairs, event rows)
+        frames, events = examples
+        pv, grids = zip(*(patchify(f, bundle.geometry) for f in frames))
+        out = bundle.model.model.get_video_features(torch.cat(pv), torch.tensor(grids), return_dict=True)
+        tokens = torch.stack(list(out.pooler_output))  # [n, P, D]: one temporal group each
+        loss, _ = probe.loss(probe.pooled(tokens), events)
+        return loss, None
     inputs, text, completions = build_batch(bundle, examples, mode, top_k, fps, max_frames, cache_dir)
     if inputs is None:
         return text_nll(bundle, text, completions), None
@@ -122,7 +145,7 @@ def task_loss(bundle: ModelBundle, examples, mode: str, top_k: int, fps: float, 
     # identity path: same logits as the stock teacher forward, tested in test_model.py).
     embeds = runner.vision_tower(bundle, inputs)  # per question [T_b * P, D]
     P = inputs.tokens_per_group[0]
-    feats = torch.cat([e.view(-1, P, e.shape[-1]).mean(1) for e in embeds])  # [sum T, D]
+    feats = torch.cat([probe.pooled(e.view(-1, P, e.shape[-1])) for e in embeds])  # [sum T, D]
     aux, _ = probe.loss(feats, [ev for groups in text["group_events"] for ev in groups])
     ids, mask, types, Lc = runner._append_completions(inputs, completions, bundle.pad_token_id)
     out = bundle.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
@@ -167,7 +190,8 @@ def train(bundle: ModelBundle, cfg: WarmupConfig, dataset: list[VideoItem], mode
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    probe = Probe(bundle.model.config.text_config.hidden_size) if cfg.probe_weight > 0 and mode == "teacher" else None
+    probe = Probe(bundle.model.config.text_config.hidden_size, cfg.probe_pool) \
+        if cfg.probe_weight > 0 and mode == "teacher" else None
     extra = list(probe.parameters()) if probe is not None else []
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay + extra, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.98))
@@ -175,8 +199,9 @@ def train(bundle: ModelBundle, cfg: WarmupConfig, dataset: list[VideoItem], mode
 
     def stream(task: str) -> ExampleStream:
         if task not in streams:  # one seeded stream per task: adding a task leaves the others' data unchanged
+            window = cfg.clip_events if task == "clipqa" else cfg.textqa_scenes if task == "textqa" else 0
             streams[task] = ExampleStream(task, dataset, cfg.synthetic_seed, cfg.seed * 1000 + len(streams) + 1,
-                                          dataset_share=cfg.dataset_share)
+                                          dataset_share=cfg.dataset_share, think=cfg.think_style, window=window)
         return streams[task]
 
     heldout = heldout_videos(cfg) if heldout is None else heldout
@@ -203,16 +228,25 @@ def train(bundle: ModelBundle, cfg: WarmupConfig, dataset: list[VideoItem], mode
             log(f"[eval step {step} {row['minutes']:.1f} min, {row['eval_seconds']:.0f} s] {acc} format={row['format']:.2f}"
                 f" | think slots {slots} | captions {caps} | {res.samples[0]['completion'] if res.samples else ''}")
 
+    frame_rng = random.Random(cfg.seed * 1000 + 999)
+    vision_steps = sum(p.steps for p in phases if p.name == "vision")
     for phase in phases:
         weights = {t: w for t, w in phase.weights.items() if w > 0}
         norm = sum(weights.values())
         for _ in range(phase.steps):
-            lr = lr_at(step, total, cfg, peak)
+            if phase.name == "vision":  # its own short warm-up, constant rate: the cosine is the later phases'
+                lr = cfg.vision_learning_rate * min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
+            else:
+                lr = lr_at(step - vision_steps, total - vision_steps, cfg, peak)
             for g in opt.param_groups:
                 g["lr"] = lr
             for task, w in weights.items():
-                n = cfg.text_batch_size if task == "textqa" else cfg.batch_size
-                loss, aux = task_loss(bundle, stream(task).take(n), mode, top_k, fps, max_frames, cache_dir, probe)
+                if task == "frames":
+                    batch = frame_groups(frame_rng, cfg.vision_batch_size, cfg.synthetic_seed,
+                                         bundle.config.frame_size, bundle.config.teacher_frames)
+                else:
+                    batch = stream(task).take(cfg.text_batch_size if task == "textqa" else cfg.batch_size)
+                loss, aux = task_loss(bundle, batch, mode, top_k, fps, max_frames, cache_dir, probe)
                 total_loss = loss * (w / norm) + (aux * cfg.probe_weight / len(weights) if aux is not None else 0.0)
                 total_loss.backward()
                 running.setdefault(task, []).append(loss.detach().item())
@@ -230,8 +264,8 @@ def train(bundle: ModelBundle, cfg: WarmupConfig, dataset: list[VideoItem], mode
                 if log:
                     log(f"step {step}/{total} {row['minutes']:.2f} min lr={lr:.2e} " +
                         " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("loss/")))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                run_eval()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total and phase.name != "vision":
+                run_eval()  # none in phase 0: the LM has not seen a video yet
             if progress:
                 progress(step, total)
     run_eval()
