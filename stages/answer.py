@@ -35,7 +35,6 @@ from stages.model import runner
 from stages.model.inputs import Memory, build_student_inputs, load_frames
 from stages.model.qwen import ModelBundle, load_model
 from stages.retrieve.stage import query_text, sample_memory
-from stages.rollout.stage import checkpoint_hash
 from stages.train.rewards import extract_answer
 
 LETTER = re.compile(r"^\s*([A-Z])[.)]")
@@ -120,6 +119,15 @@ def retrieve(config: PipelineConfig, workspace: Workspace, video: dict, question
 # ------------------------------------------------------------------------------------------ features
 
 
+def student_key(student_dir: Path) -> str:
+    """The feature cache's name for a student folder: its files' names, sizes and mtimes. Hashing the
+    weights' bytes (rollout's checkpoint_hash) would cost seconds per `marc answer` on a real checkpoint,
+    as every call is a new process; a rewritten folder gets new mtimes, so a new key."""
+    files = sorted(p for p in Path(student_dir).resolve().rglob("*") if p.is_file())
+    stamp = [(str(p.relative_to(Path(student_dir).resolve())), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(repr(stamp).encode()).hexdigest()[:24]
+
+
 def _feature_path(workspace: Workspace, student: str, video: dict, stamps: list[float]) -> Path:
     key = hashlib.sha256(f"{video['content_sha256']}:{[round(t, 4) for t in stamps]}".encode()).hexdigest()[:32]
     return workspace.home / "features" / student / f"{key}.pt"
@@ -178,7 +186,7 @@ def answer(config: PipelineConfig, home: Path, video: Path, question: str, optio
     bundle = bundle or load_model(student_dir, config.model)
     q = {"question_id": "answer", "problem": question, "options": list(options or []),
          "problem_type": "multiple choice" if options else "free-form"}
-    features, cached = event_features(bundle, workspace, checkpoint_hash(student_dir), row, q, memory)
+    features, cached = event_features(bundle, workspace, student_key(student_dir), row, q, memory)
     t3 = time.perf_counter()
     # The builder gives the prompt and the M-RoPE grid; the frames come from the frame cache (the
     # patches it makes of them are not run again: the features are given).
