@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from data_contracts.config import TrainConfig
+from stages.train.rendezvous import bind_store_to_master_addr
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CKPT_TAG = "deepspeed"
@@ -197,6 +198,7 @@ def init_single_process() -> Callable[[], None]:
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    bind_store_to_master_addr()  # the store would otherwise listen on every interface, even for world size 1
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
 
     def cleanup() -> None:

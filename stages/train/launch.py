@@ -55,6 +55,29 @@ def _placement(run_dir: Path, world: int) -> list[dict[str, Any]]:
     return found
 
 
+def _loopback_torch_config(backend: str) -> Any:
+    """Ray Train's TorchConfig, except that every worker first makes rank 0's rendezvous store listen only on
+    MASTER_ADDR (Ray sets it to rank 0's node address; torch alone would listen on every interface).
+
+    The patch must be in place before Ray's backend calls init_process_group, which happens before the train
+    function runs, so it goes in through the backend's on_start (`_TorchBackend` is Ray's private class)."""
+    from ray.train.torch.config import TorchConfig, _TorchBackend
+
+    from stages.train.rendezvous import bind_store_to_master_addr
+
+    class LoopbackStoreBackend(_TorchBackend):
+        def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+            worker_group.execute(bind_store_to_master_addr)
+            super().on_start(worker_group, backend_config)
+
+    class LoopbackStoreTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self) -> type:
+            return LoopbackStoreBackend
+
+    return LoopbackStoreTorchConfig(backend=backend)
+
+
 def _worker(config: dict[str, Any]) -> None:
     _record_placement(config["run_dir"])
     train_loop(config["policy"], config["cfg"], config["run_dir"], on_metrics=config["on_metrics"],
@@ -90,7 +113,7 @@ def launch(
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         raise RuntimeError("Ray is not connected: start or connect it first (infra), or pass use_ray=False")
@@ -105,7 +128,7 @@ def launch(
                            "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=_loopback_torch_config("nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                              storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
