@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 
 import requests
 
+from infra import prefect_setup
 from infra.home import PROJECT_ROOT, marc_home
 
 WORK_POOL = "marc-local"
@@ -539,6 +540,8 @@ def _spec(name: str, port: int, client: dict[str, str]) -> tuple[list[str], dict
                 "--dashboard-agent-listen-port", str(agent_port), "--block"]
     elif name == WORKER:
         env.update(client)  # flow runs inherit the worker's env
+        # heartbeats feed the automation that marks a flow run whose process died as Crashed (prefect_setup)
+        env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(prefect_setup.FLOW_HEARTBEAT_S))
         worker_name = f"marc-worker-{hashlib.sha1(str(home).encode()).hexdigest()[:8]}"
         extra = {"worker_name": worker_name}
         argv = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
@@ -584,43 +587,22 @@ def _wait_for(name: str, record: _Record | None, check: Callable[[], bool], time
         time.sleep(0.5)
 
 
-_POOL_SCRIPT = """
-import sys
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.workers.process import ProcessWorker
-
-name = sys.argv[1]
-with get_client(sync_client=True) as client:
-    try:
-        pool = client.read_work_pool(name)
-        print("MARC_POOL=exists:" + pool.type)
-    except ObjectNotFound:
-        try:
-            client.create_work_pool(WorkPoolCreate(
-                name=name, type="process",
-                base_job_template=ProcessWorker.get_default_base_job_template()))
-            print("MARC_POOL=created:process")
-        except ObjectAlreadyExists:
-            print("MARC_POOL=exists:process")
-"""
-
-
 def _ensure_work_pool(client: dict[str, str]) -> str:
-    """Create the `process` work pool WORK_POOL if missing; returns 'created' or 'exists'."""
+    """Create the `process` work pool WORK_POOL if missing, and the automation that marks flow runs whose
+    process died as Crashed (infra/prefect_setup.py); returns 'created' or 'exists' (the pool)."""
     env = {**os.environ, **client, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, WORK_POOL], env=env, cwd=PROJECT_ROOT,
+    prefect_setup.zombie_after_s()  # a bad MARC_ZOMBIE_AFTER_S fails here, with its message
+    proc = subprocess.run([sys.executable, "-m", "infra.prefect_setup", WORK_POOL], env=env, cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=120)
-    for line in proc.stdout.splitlines():
-        if line.startswith("MARC_POOL="):
-            outcome, _, pool_type = line.split("=", 1)[1].partition(":")
-            if pool_type != "process":
-                raise RuntimeError(f"work pool {WORK_POOL!r} exists with type {pool_type!r}, not 'process'; "
-                                   f"delete it (`prefect work-pool delete {WORK_POOL}`) or use another server")
-            return outcome
-    raise RuntimeError(f"could not create the work pool {WORK_POOL!r} (exit {proc.returncode}): "
-                       f"{(proc.stderr or proc.stdout)[-1500:]}")
+    lines = dict(line.split("=", 1) for line in proc.stdout.splitlines() if line.startswith("MARC_"))
+    if proc.returncode != 0 or "MARC_POOL" not in lines or "MARC_ZOMBIE" not in lines:
+        raise RuntimeError(f"could not set up the work pool {WORK_POOL!r} and the zombie automation on Prefect "
+                           f"(exit {proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
+    outcome, _, pool_type = lines["MARC_POOL"].partition(":")
+    if pool_type != "process":
+        raise RuntimeError(f"work pool {WORK_POOL!r} exists with type {pool_type!r}, not 'process'; "
+                           f"delete it (`prefect work-pool delete {WORK_POOL}`) or use another server")
+    return outcome
 
 
 def up(wait: bool = True) -> StackStatus:

@@ -204,9 +204,14 @@ def _assert_complete(home: Path, video_ids: set[str]) -> list[dict]:
 # fixtures
 
 
+ZOMBIE_AFTER_S = 90
+
+
 @pytest.fixture(scope="module")
 def stack():
     private = PrivateStack("mf-")
+    # the zombie automation's window (default 300 s), shortened so the killed flow run is marked in the test
+    private.base_env["MARC_ZOMBIE_AFTER_S"] = str(ZOMBIE_AFTER_S)
     try:
         private.up()
         yield private
@@ -299,6 +304,7 @@ def test_prefect_worker_killed_mid_flow_then_rerun_reuses_finished_items(stack, 
                 assert any("prefect.engine" in cmdline(p) or "workspace_supervisor" in cmdline(p) for p in killed), \
                     {p: cmdline(p) for p in killed}
                 _kill(killed)
+                killed_at = time.monotonic()
             time.sleep(0.1)
         assert killed, f"the flow ended before segment decoded slow2.mp4:\n{_finish(proc)[-3000:]}"
     finally:
@@ -335,10 +341,20 @@ def test_prefect_worker_killed_mid_flow_then_rerun_reuses_finished_items(stack, 
     events = _assert_complete(stack.home, _video_ids(data))
     before = {e["event_key"]: e for e in _rows(baseline)}
     assert all(e == before[e["event_key"]] for e in events if e["event_key"] in before)  # reused rows untouched
-    # What Prefect knows of the killed run: it never finished (no worker is left to report it).
-    state = _flow_run(stack, run_id)["state"]["type"]
-    print(f"\nkilled flow run {run_id}: state {state} after the rerun")
-    assert state != "COMPLETED"
+    # What Prefect knows of the killed run: no heartbeat came after the kill, so the automation `marc up`
+    # created (infra/prefect_setup.py) marks it Crashed; the completed rerun, which sent heartbeats too, stays
+    # Completed. Heartbeats come every 30 s: Crashed within ZOMBIE_AFTER_S + 30 s + the server's evaluation.
+    deadline = killed_at + ZOMBIE_AFTER_S + 30 + 60
+    while (state := _flow_run(stack, run_id)["state"])["type"] != "CRASHED" and time.monotonic() < deadline:
+        time.sleep(2)
+    print(f"\nkilled flow run {run_id}: {state['type']} {time.monotonic() - killed_at:.0f} s after the kill: "
+          f"{state.get('message')}")
+    assert state["type"] == "CRASHED" and "No heartbeat" in (state.get("message") or ""), state
+    # Runs that ended normally keep their state, however long ago their last heartbeat was.
+    states = {r["id"]: r["state_type"] for r in requests.post(f"{_api(stack)}/flow_runs/filter", json={},
+                                                               timeout=30).json()}
+    assert states[rerun] == "COMPLETED" and len(states) > 2, states
+    assert [i for i, s in states.items() if s == "CRASHED"] == [run_id], states
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from conftest import listeners_of, pid_alive as _exists, process_family
-from infra import stack
+from infra import prefect_setup, stack
 
 EXTERNAL_VARS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MARC_RAY_ADDRESS")
 
@@ -121,6 +121,12 @@ def test_up_starts_all_services_healthy(running_stack):
     assert requests.get(env["MLFLOW_TRACKING_URI"] + "/health", timeout=5).status_code == 200
     pool = requests.get(f"{env['PREFECT_API_URL']}/work_pools/{stack.WORK_POOL}", timeout=5)
     assert pool.status_code == 200 and pool.json()["type"] == "process"
+    # The automation that marks a `marc` flow run whose process died as Crashed (test_faults.py sees it act).
+    automations = requests.post(f"{env['PREFECT_API_URL']}/automations/filter", json={}, timeout=5).json()
+    zombie = [a for a in automations if a["name"] == prefect_setup.ZOMBIE_AUTOMATION]
+    assert len(zombie) == 1 and zombie[0]["enabled"], automations
+    assert zombie[0]["trigger"]["within"] == 300.0 and zombie[0]["trigger"]["posture"] == "Proactive", zombie
+    assert zombie[0]["actions"][0]["type"] == "change-flow-run-state", zombie
 
     # A Ray driver connects with nothing but the client env.
     probe = ("import json, os, ray; ray.init(address=os.environ['MARC_RAY_ADDRESS'], logging_level='ERROR');"
@@ -280,3 +286,13 @@ def test_require_gpus():
     for bad in ("many", -1, 1.5, True):
         with pytest.raises(ValueError):
             stack.require_gpus(bad, {"GPU": 2.0})
+
+
+def test_zombie_window_below_two_heartbeats_is_refused(monkeypatch):
+    monkeypatch.setenv("MARC_ZOMBIE_AFTER_S", "45")
+    with pytest.raises(ValueError, match="MARC_ZOMBIE_AFTER_S=45 must be at least 60 s"):
+        prefect_setup.zombie_after_s()
+    monkeypatch.setenv("MARC_ZOMBIE_AFTER_S", "60")
+    assert prefect_setup.zombie_after_s() == 60
+    monkeypatch.delenv("MARC_ZOMBIE_AFTER_S")
+    assert prefect_setup.zombie_after_s() == 300
