@@ -219,6 +219,14 @@ class WarmupConfig(_Section):
     frames of them) that hold the answer: picking among 2-3 scenes is learnt far sooner, at a third of the cost."""
     clip_events: int = Field(2, ge=1)
     """Events per phase-2a clip."""
+    clip_schedule: list[int] = []
+    """Scene-count curriculum of phase 2a: events per clip, stage by stage (e.g. [1, 2, 3, 4]); `clip_steps`
+    are split equally among the stages (the last takes the remainder). A 1-event clip asks only to read the
+    event and map the word to its letter (`after` questions get 2 events). Empty (default): one stage of
+    `clip_events` events."""
+    clip_eval_per_family: int = Field(0, ge=0)
+    """Held-out clip questions per family answered greedily at the end of each phase-2a stage, on clips of
+    that stage's size (accuracy per clip size, to see where a curriculum breaks); 0: skip."""
     textqa_scenes: int = Field(0, ge=0)
     """Scenes listed in a text-only QA prompt (the answer's and its neighbours; 0: all of the video's)."""
     qa_steps: int = Field(1500, ge=0)

@@ -212,3 +212,20 @@ def test_windows_hold_the_answer_and_clips_show_only_their_events():
     # Vision-task groups: two frames of one event, labelled with it.
     frames, labels = frame_groups(rng, 3, 5, 56)
     assert len(frames) == 3 and frames[0].shape == (2, 56, 56, 3) and all("shape" in e for e in labels)
+
+
+def test_clip_schedule_splits_clip_steps_into_stages_and_one_event_after_keeps_its_scene_before():
+    from stages.warmup.train import phases_for
+
+    plain = [p.name for p in phases_for(WarmupConfig(clip_steps=10), "teacher")]
+    assert plain.count("clipqa") == 1
+    staged = [p for p in phases_for(WarmupConfig(clip_steps=10, clip_schedule=[1, 2, 3]), "teacher")
+              if p.name.startswith("clipqa")]
+    assert [(p.name, p.steps, p.clip_events) for p in staged] == [("clipqa1", 3, 1), ("clipqa2", 3, 2),
+                                                                  ("clipqa3", 4, 3)]
+    rng = __import__("random").Random(0)
+    v = synthetic_video(5, 3)
+    for ex in examples_of(v, {"clipqa"}, "keyed"):
+        first, last = with_window(ex, 1, rng).window
+        want = 2 if ex.family == "after" else 1  # `after` asks about the scene before the answer too
+        assert last - first + 1 == want and last == ex.question["answer_event"], (ex.family, first, last)

@@ -266,9 +266,11 @@ def with_window(example: Example, events: int, rng: random.Random) -> Example:
     """The example restricted to `events` consecutive events that hold its answer (and, for `after`,
     the scene before it), placed at random: a short clip (clipqa) or a short scene list (textqa)."""
     n = len(example.video.events)
+    q = example.question
+    if events == 1 and q.get("family") == "after":  # needs the scene before the answer too
+        events = 2
     if events <= 0 or events >= n:
         return example
-    q = example.question
     lo = q["answer_event"] - (1 if q.get("family") == "after" else 0)
     hi = q["answer_event"]
     first = rng.randint(max(0, hi - events + 1), min(lo, n - events))

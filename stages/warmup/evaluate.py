@@ -141,3 +141,41 @@ def evaluate_captions(bundle: ModelBundle, videos: list[VideoItem], mode: str = 
                 hits[s] += int(got is not None and got.group(k + 1) == want.group(k + 1))
     bundle.model.train(was_training)
     return {f"caption/{s}": hits[s] / max(1, len(examples)) for s in SLOTS}
+
+
+@torch.no_grad()
+def evaluate_clips(bundle: ModelBundle, videos: list[VideoItem], events: int, per_family: int,
+                   batch_size: int = 16, max_new_tokens: int = 40, seed: int = 0,
+                   think: str = "caption") -> EvalResult:
+    """Greedy clip QA (the clipqa task's input: the teacher's frames of `events` consecutive events holding
+    the answer, placed at random from `seed`): accuracy per family at one clip size of a scene curriculum."""
+    import random
+
+    from stages.warmup.data import build_batch, examples_of, with_window
+
+    was_training = bundle.model.training
+    bundle.model.eval()
+    rng = random.Random(seed)
+    taken: dict[str, int] = defaultdict(int)
+    examples = []
+    for v in videos:
+        for ex in examples_of(v, {"clipqa"}, think):
+            if taken[ex.family] < per_family:
+                taken[ex.family] += 1
+                examples.append(with_window(ex, events, rng))
+    result = EvalResult()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        inputs, _, _ = build_batch(bundle, chunk, "teacher")
+        texts = runner.generate(bundle, inputs, max_new_tokens=max_new_tokens).texts
+        for ex, text in zip(chunk, texts):
+            fam = ex.family or "all"
+            ok, letter, _ = parse(text)
+            result.total += 1
+            result.counts[fam] = result.counts.get(fam, 0) + 1
+            result.correct[fam] = result.correct.get(fam, 0) + int(letter == answer_letter(ex.question))
+            result.formatted += int(ok)
+            if len(result.samples) < 2:
+                result.samples.append({"problem": ex.question["problem"], "completion": text})
+    bundle.model.train(was_training)
+    return result

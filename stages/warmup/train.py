@@ -13,7 +13,9 @@ Phases (WarmupConfig):
     teacher  0. `vision_steps` of frames (+ textqa): the vision tower alone learns the attributes
                 of single temporal groups through the probe (cheap: no language model)
              1. `caption_steps` of caption + textqa (ground the words, learn the hops in text)
-             2a. `clip_steps` of clipqa + caption + textqa: QA on clips of `clip_events` events
+             2a. `clip_steps` of clipqa + caption + textqa: QA on clips of `clip_events` events (or a
+                 scene-count curriculum: one stage per entry of `clip_schedule`, each evaluated on
+                 held-out clips of its size when `clip_eval_per_family` > 0)
              2. `qa_steps` of qa + caption + textqa (+ story): the real 64-frame QA input
     student  `student_steps` of qa (+ caption) on the 1-group compressed memory, from the teacher
 
@@ -41,7 +43,7 @@ from stages.model import runner
 from stages.model.qwen import ModelBundle, save_model
 from stages.model.inputs import patchify
 from stages.warmup.data import ExampleStream, VideoItem, build_batch, frame_groups, synthetic_video
-from stages.warmup.evaluate import evaluate, evaluate_captions, questions_of
+from stages.warmup.evaluate import evaluate, evaluate_captions, evaluate_clips, questions_of
 
 HELDOUT_SEED_OFFSET = 1
 """Held-out check videos come from synthetic_seed + 1: planned like the training ones, never trained on."""
@@ -52,17 +54,25 @@ class Phase:
     name: str
     steps: int
     weights: dict[str, float]  # task -> loss weight
+    clip_events: int | None = None  # clipqa phases: events per clip (None: cfg.clip_events)
 
 
 def phases_for(cfg: WarmupConfig, mode: str) -> list[Phase]:
     if mode == "student":
         return [Phase("student-qa", cfg.student_steps, {"qa": 1.0, "caption": cfg.qa_caption_weight})]
+    clip_weights = {"clipqa": 1.0, "caption": cfg.qa_caption_weight, "textqa": cfg.qa_textqa_weight}
+    if cfg.clip_schedule:  # scene-count curriculum: clip_steps split equally, the last stage takes the rest
+        n = len(cfg.clip_schedule)
+        share = cfg.clip_steps // n
+        clips = [Phase(f"clipqa{e}", share if k < n - 1 else cfg.clip_steps - share * (n - 1), clip_weights, e)
+                 for k, e in enumerate(cfg.clip_schedule)]
+    else:
+        clips = [Phase("clipqa", cfg.clip_steps, clip_weights)]
     return [
         Phase("vision", cfg.vision_steps if cfg.probe_weight > 0 else 0,
               {"frames": 1.0, "textqa": cfg.vision_textqa_weight}),
         Phase("caption", cfg.caption_steps, {"caption": 1.0, "textqa": cfg.textqa_weight}),
-        Phase("clipqa", cfg.clip_steps, {"clipqa": 1.0, "caption": cfg.qa_caption_weight,
-                                         "textqa": cfg.qa_textqa_weight}),
+        *clips,
         Phase("qa", cfg.qa_steps, {"qa": 1.0, "caption": cfg.qa_caption_weight, "textqa": cfg.qa_textqa_weight,
                                    "story": cfg.story_weight}),
     ]
@@ -197,12 +207,14 @@ def train(bundle: ModelBundle, cfg: WarmupConfig, dataset: list[VideoItem], mode
                              {"params": no_decay + extra, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.98))
     streams: dict[str, ExampleStream] = {}
 
-    def stream(task: str) -> ExampleStream:
-        if task not in streams:  # one seeded stream per task: adding a task leaves the others' data unchanged
-            window = cfg.clip_events if task == "clipqa" else cfg.textqa_scenes if task == "textqa" else 0
-            streams[task] = ExampleStream(task, dataset, cfg.synthetic_seed, cfg.seed * 1000 + len(streams) + 1,
-                                          dataset_share=cfg.dataset_share, think=cfg.think_style, window=window)
-        return streams[task]
+    def stream(task: str, clip_events: int | None = None) -> ExampleStream:
+        key = task if clip_events is None else f"{task}{clip_events}"
+        if key not in streams:  # one seeded stream per task: adding a task leaves the others' data unchanged
+            window = (cfg.clip_events if clip_events is None else clip_events) if task == "clipqa" \
+                else cfg.textqa_scenes if task == "textqa" else 0
+            streams[key] = ExampleStream(task, dataset, cfg.synthetic_seed, cfg.seed * 1000 + len(streams) + 1,
+                                         dataset_share=cfg.dataset_share, think=cfg.think_style, window=window)
+        return streams[key]
 
     heldout = heldout_videos(cfg) if heldout is None else heldout
     items = questions_of(heldout, cfg.eval_per_family)
@@ -228,6 +240,20 @@ def train(bundle: ModelBundle, cfg: WarmupConfig, dataset: list[VideoItem], mode
             log(f"[eval step {step} {row['minutes']:.1f} min, {row['eval_seconds']:.0f} s] {acc} format={row['format']:.2f}"
                 f" | think slots {slots} | captions {caps} | {res.samples[0]['completion'] if res.samples else ''}")
 
+    def run_clip_eval(events: int) -> None:
+        t0 = time.perf_counter()
+        res = evaluate_clips(bundle, clip_videos, events, cfg.clip_eval_per_family, cfg.eval_batch_size,
+                             cfg.eval_max_new_tokens, seed=cfg.seed, think=cfg.think_style)
+        row = {"step": step, "minutes": (time.perf_counter() - start) / 60, "clip_events": events,
+               **res.metrics("clip/"), "eval_seconds": time.perf_counter() - t0}
+        out.curves.append(row)
+        if log:
+            acc = " ".join(f"{k[9:]}={v:.2f}" for k, v in row.items() if k.startswith("clip/acc/"))
+            log(f"[clip eval, {events}-event clips, step {step} {row['minutes']:.1f} min, {row['eval_seconds']:.0f} s] "
+                f"{acc} format={row['clip/format']:.2f} n={res.counts} | "
+                f"{res.samples[0]['completion'] if res.samples else ''}")
+
+    clip_videos = heldout_videos(cfg, 24) if cfg.clip_eval_per_family else []
     frame_rng = random.Random(cfg.seed * 1000 + 999)
     vision_steps = sum(p.steps for p in phases if p.name == "vision")
     for phase in phases:
@@ -245,7 +271,8 @@ def train(bundle: ModelBundle, cfg: WarmupConfig, dataset: list[VideoItem], mode
                     batch = frame_groups(frame_rng, cfg.vision_batch_size, cfg.synthetic_seed,
                                          bundle.config.frame_size, bundle.config.teacher_frames)
                 else:
-                    batch = stream(task).take(cfg.text_batch_size if task == "textqa" else cfg.batch_size)
+                    batch = stream(task, phase.clip_events if task == "clipqa" else None
+                                   ).take(cfg.text_batch_size if task == "textqa" else cfg.batch_size)
                 loss, aux = task_loss(bundle, batch, mode, top_k, fps, max_frames, cache_dir, probe)
                 total_loss = loss * (w / norm) + (aux * cfg.probe_weight / len(weights) if aux is not None else 0.0)
                 total_loss.backward()
@@ -268,6 +295,8 @@ def train(bundle: ModelBundle, cfg: WarmupConfig, dataset: list[VideoItem], mode
                 run_eval()  # none in phase 0: the LM has not seen a video yet
             if progress:
                 progress(step, total)
+        if phase.name.startswith("clipqa") and cfg.clip_eval_per_family:
+            run_clip_eval(phase.clip_events or cfg.clip_events)
     run_eval()
     out.steps = step
     out.seconds = time.perf_counter() - start
