@@ -587,7 +587,7 @@ def _wait_for(name: str, record: _Record | None, check: Callable[[], bool], time
         time.sleep(0.5)
 
 
-def _ensure_work_pool(client: dict[str, str]) -> str:
+def _ensure_pool_and_automation(client: dict[str, str]) -> str:
     """Create the `process` work pool WORK_POOL if missing, and the automation that marks flow runs whose
     process died as Crashed (infra/prefect_setup.py); returns 'created' or 'exists' (the pool)."""
     env = {**os.environ, **client, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -643,7 +643,7 @@ def up(wait: bool = True) -> StackStatus:
             prefect_url = client["PREFECT_API_URL"]
             prefect_record = started.get(PREFECT) or running.get(PREFECT)
             _wait_for(PREFECT, prefect_record, lambda: _healthy(PREFECT, prefect_url), START_TIMEOUT_S)
-            pool = _ensure_work_pool(client)
+            pool = _ensure_pool_and_automation(client)
             if WORKER in to_start:
                 started[WORKER] = _start(WORKER, None, client)
             if wait:

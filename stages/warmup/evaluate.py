@@ -9,6 +9,7 @@ videos (fast held-out checks during training).
 
 from __future__ import annotations
 
+import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from stages.model import runner
 from stages.model.inputs import build_student_inputs, build_teacher_inputs, ground_truth_memory
 from stages.model.qwen import ModelBundle
-from stages.warmup.data import VideoItem, answer_letter, think_text
+from stages.warmup.data import VideoItem, answer_letter, build_batch, examples_of, think_text, with_window
 
 FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
 ANSWER = re.compile(r"<answer>\s*([A-Za-z])\s*</answer>")
@@ -53,6 +54,16 @@ class EvalResult:
     @property
     def overall(self) -> float:
         return sum(self.correct.values()) / max(1, self.total)
+
+    def score(self, question: dict, text: str) -> tuple[str, str | None]:
+        """Count one completion: its family's question, a correct letter, the format; returns (family, think)."""
+        fam = question.get("family") or "all"
+        ok, letter, think = parse(text)
+        self.total += 1
+        self.counts[fam] = self.counts.get(fam, 0) + 1
+        self.correct[fam] = self.correct.get(fam, 0) + int(letter == answer_letter(question))
+        self.formatted += int(ok)
+        return fam, think
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         out = {f"{prefix}acc/{f}": a for f, a in self.accuracy.items()}
@@ -100,13 +111,8 @@ def evaluate(bundle: ModelBundle, items: list[tuple[VideoItem, dict]], mode: str
             inputs = build_student_inputs(bundle, questions, frames, memories, "memory")
         texts = runner.generate(bundle, inputs, max_new_tokens=max_new_tokens).texts
         for (v, q), text in zip(chunk, texts):
-            fam = q.get("family", "all")
-            ok, letter, think = parse(text)
+            fam, think = result.score(q, text)
             caption = v.events[q["answer_event"]]["caption"]
-            result.total += 1
-            result.counts[fam] = result.counts.get(fam, 0) + 1
-            result.correct[fam] = result.correct.get(fam, 0) + int(letter == answer_letter(q))
-            result.formatted += int(ok)
             wanted = {caption, think_text(q, v.events, "keyed")}  # either reasoning style
             result.think_exact[fam] = result.think_exact.get(fam, 0) + int(think is not None and think.strip() in wanted)
             got = CAPTION.search(think or "")
@@ -149,10 +155,6 @@ def evaluate_clips(bundle: ModelBundle, videos: list[VideoItem], events: int, pe
                    think: str = "caption") -> EvalResult:
     """Greedy clip QA (the clipqa task's input: the teacher's frames of `events` consecutive events holding
     the answer, placed at random from `seed`): accuracy per family at one clip size of a scene curriculum."""
-    import random
-
-    from stages.warmup.data import build_batch, examples_of, with_window
-
     was_training = bundle.model.training
     bundle.model.eval()
     rng = random.Random(seed)
@@ -169,12 +171,7 @@ def evaluate_clips(bundle: ModelBundle, videos: list[VideoItem], events: int, pe
         inputs, _, _ = build_batch(bundle, chunk, "teacher")
         texts = runner.generate(bundle, inputs, max_new_tokens=max_new_tokens).texts
         for ex, text in zip(chunk, texts):
-            fam = ex.family or "all"
-            ok, letter, _ = parse(text)
-            result.total += 1
-            result.counts[fam] = result.counts.get(fam, 0) + 1
-            result.correct[fam] = result.correct.get(fam, 0) + int(letter == answer_letter(ex.question))
-            result.formatted += int(ok)
+            result.score(ex.question, text)
             if len(result.samples) < 2:
                 result.samples.append({"problem": ex.question["problem"], "completion": text})
     bundle.model.train(was_training)
